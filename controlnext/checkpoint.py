@@ -1,0 +1,272 @@
+"""Checkpoint I/O and the one key-map engine (STYLE.md §4).
+
+Reads safetensors / torch files / diffusers folders into flat state dicts, renames keys with prefix-level rows
+(`(source_prefix, our_prefix[, transform])`, `{name}` placeholders match an integer), and loads into a model with
+strict accounting: every source key is used, every target is filled, every shape matches, or one error lists
+what is wrong under the names the user's file uses. Nothing is loaded until everything checks out.
+
+Matching rule: for each key the row with the longest matching source prefix wins (order-independent), a row
+mapping to None drops the key, and a key no row matches keeps its name (identity: our module names equal the
+diffusers names). Reference for the formats: ../shared/reference/checkpoints.md §1, §7.
+Left out: pickled modules (only `torch.load(weights_only=True)`), downloads of any kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+Row = tuple[str, str | None] | tuple[str, str | None, str]
+StateDict = dict[str, Tensor]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and writing files
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Weight file names of diffusers / transformers folders, in the order we look for them.
+FOLDER_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
+INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+def read_file(path: str | Path) -> StateDict:
+    """All tensors of one weight file: .safetensors directly, .ckpt/.pt/.pth/.bin through torch.load(weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses pickled objects; zip errors mean truncation
+            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}); "
+                             "use the .safetensors version of this checkpoint") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]  # LDM / Lightning .ckpt: tensors sit under "state_dict"
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise ValueError(f"{path}: does not hold a flat dict of tensors")
+        return dict(obj)
+    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors, .ckpt, .pt, .bin)")
+
+
+def read_folder(folder: str | Path) -> StateDict:
+    """Tensors of a diffusers/transformers model folder (single file or sharded with an index json)."""
+    folder = Path(folder)
+    for name in INDEX_FILES:
+        if (folder / name).is_file():
+            weight_map = json.loads((folder / name).read_text())["weight_map"]
+            state: StateDict = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(read_file(folder / shard))
+            return state
+    for name in FOLDER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return read_file(folder / name)
+    raise ValueError(f"{folder}: no weight file found (looked for {', '.join(FOLDER_WEIGHT_FILES)})")
+
+
+def read_state(source: str | Path | Mapping[str, Tensor]) -> StateDict:
+    """A flat state dict from a file, a model folder, or an in-memory mapping."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    return read_folder(source) if Path(source).is_dir() else read_file(source)
+
+
+def list_keys(path: str | Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor in a safetensors file, read from the header only (fixtures, §4.5)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sorted((k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__")
+
+
+def save_state(state: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, then an os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj: object, path: str | Path) -> None:
+    """torch.save atomically (training state: optimizer, RNG, step, config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named transforms. Each maps (target key, tensor) to {key: tensor}; one source tensor may become several.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _split_qkv(key: str, t: Tensor) -> StateDict:
+    # OpenCLIP's fused attention in_proj [3C, ...] -> q, k, v; the row's target prefix holds a literal "{qkv}".
+    assert "{qkv}" in key, f"split_qkv row must put {{qkv}} in its target prefix, got {key}"
+    return {key.replace("{qkv}", name): part for name, part in zip("qkv", t.chunk(3, dim=0))}
+
+
+TRANSFORMS: dict[str, Callable[[str, Tensor], StateDict]] = {
+    "squeeze_1x1": lambda k, t: {k: t[:, :, 0, 0] if t.ndim == 4 else t},  # 1x1 conv [O,I,1,1] -> Linear [O,I]
+    "unsqueeze_1x1": lambda k, t: {k: t[:, :, None, None] if t.ndim == 2 else t},  # Linear -> 1x1 conv
+    "transpose": lambda k, t: {k: t.t().contiguous()},  # OpenCLIP x @ W projections -> nn.Linear weight
+    "split_qkv": _split_qkv,
+}
+INVERSE_TRANSFORMS = {"squeeze_1x1": "unsqueeze_1x1", "unsqueeze_1x1": "squeeze_1x1", "transpose": "transpose"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The engine: rename with rows, then load with accounting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class KeyMap:
+    """Compiled rows. `apply` renames a state dict and remembers each new key's source name for error messages."""
+
+    def __init__(self, rows: Iterable[Row]):
+        self.literal: dict[str, tuple[str | None, str | None]] = {}  # source prefix -> (target prefix, transform)
+        self.patterns: list[tuple[str, re.Pattern, int, str | None, str | None]] = []
+        for row in rows:
+            source, target, transform = (*row, None) if len(row) == 2 else row
+            if transform is not None and transform not in TRANSFORMS:
+                raise ValueError(f"key-map row {row}: unknown transform {transform!r}")
+            if "{" in source:
+                regex = "^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(source))
+                literal_length = len(re.sub(r"\{\w+\}", "", source))  # rank patterns by their fixed text
+                self.patterns.append((source, re.compile(regex), literal_length, target, transform))
+            else:
+                if source in self.literal:
+                    raise ValueError(f"key-map source prefix {source!r} appears in two rows")
+                self.literal[source] = (target, transform)
+
+    def match(self, key: str) -> tuple[int, str | None, str | None, str] | None:
+        """(rank, target prefix, transform, rest of the key) of the longest row matching `key`, or None."""
+        best = None
+        for end in range(1, len(key) + 1):
+            if key[:end] in self.literal:  # the longest literal prefix wins
+                target, transform = self.literal[key[:end]]
+                best = (end, target, transform, key[end:])
+        for _, regex, rank, target, transform in self.patterns:
+            m = regex.match(key)
+            if m and (best is None or rank > best[0]):
+                best = (rank, None if target is None else target.format(**m.groupdict()), transform, key[m.end():])
+        return best
+
+    def apply(self, state: Mapping[str, Tensor]) -> tuple[StateDict, dict[str, str]]:
+        """Renamed tensors and, for each new key, the source key it came from."""
+        out: StateDict = {}
+        origin: dict[str, str] = {}
+        for key, tensor in state.items():
+            found = self.match(key)
+            if found is None:
+                pieces = {key: tensor}
+            else:
+                _, target, transform, rest = found
+                if target is None:
+                    continue  # an explicit drop row
+                pieces = TRANSFORMS[transform](target + rest, tensor) if transform else {target + rest: tensor}
+            for new_key, value in pieces.items():
+                if new_key in out:
+                    raise ValueError(f"key map sends both {origin[new_key]!r} and {key!r} to {new_key!r}")
+                out[new_key], origin[new_key] = value, key
+        return out, origin
+
+    def inverse(self) -> KeyMap:
+        """Rows for export (ours -> source layout). Drop rows and splitting transforms have no inverse."""
+        rows: list[Row] = []
+        for source, (target, transform) in self.literal.items():
+            assert transform is None or transform in INVERSE_TRANSFORMS, f"transform {transform} cannot be inverted"
+            if target is not None:
+                rows.append((target, source, INVERSE_TRANSFORMS[transform]) if transform else (target, source))
+        for source, _, _, target, transform in self.patterns:
+            assert transform is None or transform in INVERSE_TRANSFORMS, f"transform {transform} cannot be inverted"
+            if target is not None:
+                rows.append((target, source, INVERSE_TRANSFORMS[transform]) if transform else (target, source))
+        return KeyMap(rows)
+
+
+def check_state(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[str, str], *, what: str,
+                partial: bool = False) -> None:
+    """Raise one ValueError listing unexpected, missing (unless partial) and wrong-shape keys, in source names."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    unexpected = sorted(origin.get(k, k) for k in state if k not in expected)
+    missing = [] if partial else sorted(k for k in expected if k not in state)
+    wrong = sorted(f"{origin.get(k, k)}: file {tuple(v.shape)} vs model {expected[k]}"
+                   for k, v in state.items() if k in expected and tuple(v.shape) != expected[k])
+    if unexpected or missing or wrong:
+        lines = [f"{what}: the weights do not fit the model "
+                 f"({len(unexpected)} unexpected, {len(missing)} missing, {len(wrong)} wrong shape)"]
+        for title, keys in (("unexpected keys (in the file, not in the model)", unexpected),
+                            ("missing keys (in the model, not in the file)", missing),
+                            ("wrong shapes", wrong)):
+            if keys:
+                lines.append(f"  {title}:")
+                lines += [f"    {k}" for k in keys[:25]] + ([f"    ... and {len(keys) - 25} more"] if len(keys) > 25 else [])
+        raise ValueError("\n".join(lines))
+
+
+def load_into(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[str, str] | None = None, *,
+              what: str = "model", mode: str = "strict") -> nn.Module:
+    """Copy `state` into `model` after full accounting. mode="strict": every key; "partial": a subset, summarised.
+
+    A model built on the meta device gets the tensors assigned (no second copy in memory), cast to the dtype of the
+    model's parameters. Nothing is written unless every check passes.
+    """
+    if mode not in ("strict", "partial"):
+        raise ValueError(f"load mode must be 'strict' or 'partial', got {mode!r}")
+    origin = origin or {}
+    check_state(model, state, origin, what=what, partial=mode == "partial")
+    targets = model.state_dict()
+    on_meta = any(t.is_meta for t in targets.values())
+    with torch.no_grad():
+        if on_meta:
+            if mode == "partial":
+                raise ValueError(f"{what}: a partial load needs a materialised model, not one on the meta device")
+            model.load_state_dict({k: v.to(targets[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+        else:
+            for key, value in state.items():
+                targets[key].copy_(value)
+    if mode == "partial":
+        print(f"{what}: loaded {len(state)} of {len(targets)} tensors "
+              f"({sum(v.numel() for v in state.values()):,} parameters)")
+    leftovers = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not leftovers, f"{what}: tensors left on the meta device after loading: {leftovers[:5]}"
+    return model
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:
+    """The tensors under `prefix`, with the prefix removed (e.g. `model.diffusion_model.` of a single file)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
