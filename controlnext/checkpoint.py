@@ -270,3 +270,130 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[str
 def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:
     """The tensors under `prefix`, with the prefix removed (e.g. `model.diffusion_model.` of a single file)."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- SD UNet (issue 2): load_unet / save_unet, diffusers config.json <-> UNetConfig
+# ---------------------------------------------------------------------------------------------------------------------
+
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."  # LDM/SGM single files (checkpoints.md §2.1)
+
+# diffusers UNet2DConditionModel fields we do not model: a config.json must leave them at these defaults.
+UNSUPPORTED_UNET_FIELDS = {"class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
+                           "resnet_time_scale_shift": "default", "dual_cross_attention": False,
+                           "only_cross_attention": False, "encoder_hid_dim": None, "center_input_sample": False,
+                           "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                           "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "downsample_padding": 1,
+                           "mid_block_scale_factor": 1, "norm_eps": 1e-5}
+
+
+def unet_config_from_diffusers(d: Mapping) -> "UNetConfig":
+    """UNetConfig from the fields of a diffusers UNet2DConditionModel config.json."""
+    from unet.sd_unet import UNetConfig
+
+    for field, default in UNSUPPORTED_UNET_FIELDS.items():
+        if d.get(field, default) != default:
+            raise ValueError(f"UNet config.json: {field}={d[field]!r} is not supported (expected {default!r})")
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
+    # diffusers reads `attention_head_dim` as the number of heads when `num_attention_heads` is null (§7.2).
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    adm = 0
+    if d.get("addition_embed_type") is not None:
+        if d["addition_embed_type"] != "text_time" or d.get("addition_time_embed_dim", 256) != 256:
+            raise ValueError(f"UNet config.json: addition_embed_type={d['addition_embed_type']!r} is not supported")
+        adm = d["projection_class_embeddings_input_dim"]
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=channels,
+        layers_per_block=d.get("layers_per_block", 2),
+        attention=tuple(t.startswith("CrossAttn") for t in d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])),
+        transformer_depth=per_level(d.get("transformer_layers_per_block", 1)), heads=per_level(heads),
+        context_dim=d.get("cross_attention_dim", 1280), linear_proj=bool(d.get("use_linear_projection", False)),
+        adm_channels=adm, groups=d.get("norm_num_groups", 32))
+
+
+def unet_config_to_diffusers(cfg: "UNetConfig") -> dict:
+    """The diffusers config.json fields describing `cfg` (for export and for building the reference in tests)."""
+    d = {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+         "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_block,
+         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention],
+         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)],
+         "attention_head_dim": list(cfg.heads), "transformer_layers_per_block": list(cfg.transformer_depth),
+         "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_proj,
+         "norm_num_groups": cfg.groups, "flip_sin_to_cos": True, "freq_shift": 0}
+    if cfg.adm_channels:
+        d.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=cfg.adm_channels)
+    return d
+
+
+def unet_original_rows(cfg: "UNetConfig") -> list[Row]:
+    from unet.keymap import ORIGINAL_ROWS
+
+    structure = (len(cfg.channels), cfg.attention, cfg.layers_per_block)
+    if structure not in ORIGINAL_ROWS:
+        raise ValueError(f"no original-layout key table for a UNet with (levels, attention, layers) = {structure}")
+    return ORIGINAL_ROWS[structure]
+
+
+def detect_unet_preset(state: Mapping[str, Tensor]) -> str:
+    """sd15 / sd21 / sdxl from the weights (checkpoints.md §1 detection), in either layout."""
+    for key in ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"):
+        if key in state:
+            return {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(state[key].shape[-1], "unknown")
+    return "unknown"
+
+
+def _resolve_unet_config(config, state: Mapping[str, Tensor], where: str) -> "UNetConfig":
+    from unet.sd_unet import PRESETS, UNetConfig
+
+    if isinstance(config, UNetConfig):
+        return config
+    if isinstance(config, Mapping):
+        return unet_config_from_diffusers(config)
+    name = config if config is not None else detect_unet_preset(state)
+    if name not in PRESETS:
+        raise ValueError(f"{where}: cannot tell which UNet this is (got config {name!r}); "
+                         f"pass config= one of {sorted(PRESETS)}, a UNetConfig or a diffusers config dict")
+    return PRESETS[name]
+
+
+def load_unet(source: str | Path | Mapping[str, Tensor], config=None, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Our UNet with the weights of `source`: a diffusers or original single file, a diffusers `unet/` folder, or a
+    state dict. `config`: a preset name, a UNetConfig, or diffusers config.json fields; by default the folder's
+    config.json, else detected from the weights. Every key is accounted for; nothing is half-loaded."""
+    from unet.sd_unet import UNet
+
+    where = source if not isinstance(source, Mapping) else "state dict"
+    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
+        config = json.loads((Path(source) / "config.json").read_text())
+    state = read_state(source)
+    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in state):
+        state = strip_prefix(state, ORIGINAL_UNET_PREFIX)  # other components of a single file are not ours
+    if not any(k.startswith(("conv_in.", "input_blocks.0.0.")) for k in state):
+        raise ValueError(f"{where}: not a UNet checkpoint (no conv_in / input_blocks.0.0 weights; "
+                         f"first keys: {sorted(state)[:3]})")
+    cfg = _resolve_unet_config(config, state, str(where))
+    rows = unet_original_rows(cfg) if any(k.startswith("input_blocks.") for k in state) else []
+    renamed, origin = KeyMap(rows).apply(state)
+    with torch.device("meta"):
+        model = UNet(cfg)
+    load_into(model.to(dtype), renamed, origin, what=f"UNet from {where}")
+    return model
+
+
+def save_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
+    """Write a UNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
+    "original" -> one .safetensors with `model.diffusion_model.` keys (LDM/SGM names)."""
+    state = model.state_dict()
+    if layout == "diffusers":
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_state(state, folder / "diffusion_pytorch_model.safetensors")
+        (folder / "config.json").write_text(json.dumps(unet_config_to_diffusers(model.config), indent=2))
+    elif layout == "original":
+        renamed, _ = KeyMap(unet_original_rows(model.config)).inverse().apply(state)
+        save_state({ORIGINAL_UNET_PREFIX + k: v for k, v in renamed.items()}, path)
+    else:
+        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
