@@ -1,0 +1,114 @@
+"""The ControlNet baseline: a trainable copy of the UNet encoder and mid block, a hint encoder, and zero convs.
+
+Paper: Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models" §3.2 (zero convolutions,
+trainable copy) and §3.3 (the 4-layer hint encoder to 64x64). Reference: lllyasviel/ControlNet cldm/cldm.py
+ControlNet; module names follow huggingface/diffusers@v0.42.1 ControlNetModel (controlnets/controlnet.py) so its
+weights load by identity and the test compares the two. It reuses our UNet's DownBlock/MidBlock (unet/sd_unet.py).
+The output feeds `UNet.forward(down_residuals=, mid_residual=)`, one residual per skip and one after the mid block.
+Left out: guess mode, class embeddings, the SD2 `global_pool_conditions` option; SVD (ControlNeXt's Table 1 row is
+counted in experiments/table1_params.py from the SVD UNet's encoder instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from controlnext.checkpoint import load_into
+from unet.blocks import TimestepMLP, timestep_embedding
+from unet.sd_unet import TINY, DownBlock, MidBlock, UNet, UNetConfig
+
+# The UNet tensors a ControlNet copies (ControlNet tool_add_control.py; diffusers ControlNetModel.from_unet).
+ENCODER_PREFIXES = ("time_embedding.", "add_embedding.", "conv_in.", "down_blocks.", "mid_block.")
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    unet: UNetConfig = UNetConfig()                         # the UNet whose encoder is copied
+    hint_in_channels: int = 3                               # condition image channels, values in [0, 1]
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)      # hint encoder widths; a stride-2 conv between each pair
+
+
+class HintEncoder(nn.Module):
+    """Condition image (B, 3, H, W) -> (B, C0, H/8, W/8): convs with SiLU, then a zero conv (diffusers names)."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], out_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
+            self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))  # (B, C, H/2, W/2)
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+
+    def forward(self, hint: Tensor) -> Tensor:
+        h = F.silu(self.conv_in(hint))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h)  # (B, C0, H/8, W/8)
+
+
+class ControlNet(nn.Module):
+    """(x, t, context, hint[, y]) -> (one residual per UNet skip, in push order; the mid-block residual)."""
+
+    def __init__(self, config: ControlNetConfig):
+        super().__init__()
+        cfg = self.config = config
+        u = cfg.unet
+        self.time_embedding = TimestepMLP(u.channels[0], u.emb_dim)
+        self.add_embedding = TimestepMLP(u.adm_channels, u.emb_dim) if u.adm_channels else None
+        self.conv_in = nn.Conv2d(u.in_channels, u.channels[0], 3, padding=1)
+        self.controlnet_cond_embedding = HintEncoder(cfg.hint_in_channels, cfg.hint_channels, u.channels[0])
+
+        # The encoder copy, and one 1x1 zero conv per skip it pushes: conv_in, each ResBlock, each downsample.
+        skip_widths, width = [u.channels[0]], u.channels[0]
+        self.down_blocks = nn.ModuleList()
+        for level in range(len(u.channels)):
+            self.down_blocks.append(DownBlock(u, level, width))
+            width = u.channels[level]
+            skip_widths += [width] * (u.layers_per_block + (level < len(u.channels) - 1))
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in skip_widths)
+        self.mid_block = MidBlock(u)
+        self.controlnet_mid_block = nn.Conv2d(width, width, 1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Zero convolutions (ControlNet §3.2): every residual and the hint encoder's output start at exactly 0."""
+        for conv in [*self.controlnet_down_blocks, self.controlnet_mid_block, self.controlnet_cond_embedding.conv_out]:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    @classmethod
+    def from_unet(cls, unet: UNet, config: ControlNetConfig | None = None) -> ControlNet:
+        """A ControlNet whose encoder copy starts from `unet`'s weights; zero convs and hint encoder fresh."""
+        config = config or ControlNetConfig(unet=unet.config)
+        assert config.unet == unet.config, "the ControlNet config must describe the UNet it copies"
+        model = cls(config)
+        state = {k: v for k, v in unet.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+        return load_into(model, state, what="ControlNet encoder copied from the UNet", mode="partial")
+
+    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, hint: Tensor, y: Tensor | None = None,
+                scale: float = 1.0) -> tuple[list[Tensor], Tensor]:
+        u = self.config.unet
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
+        emb = self.time_embedding(timestep_embedding(t, u.channels[0]).to(x.dtype))  # (B, 4*C0)
+        if self.add_embedding is not None:
+            if y is None:
+                raise ValueError(f"this ControlNet needs the vector condition y of width {u.adm_channels}")
+            emb = emb + self.add_embedding(y.to(x.dtype))
+        h = self.conv_in(x) + self.controlnet_cond_embedding(hint.to(x.dtype))  # (B, C0, H, W): hint enters here
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, context)  # (B, C_k, H/2^(k+1), W/2^(k+1)) but the last level
+            skips += block_skips
+        h = self.mid_block(h, emb, context)  # (B, C_last, h, w)
+        down = [scale * zero(s) for zero, s in zip(self.controlnet_down_blocks, skips)]
+        return down, scale * self.controlnet_mid_block(h)
+
+
+# --- presets: a ControlNet per UNet preset; `tiny` runs on CPU in milliseconds.
+TINY_CONTROLNET = ControlNetConfig(unet=TINY, hint_channels=(8, 16, 16, 32))
