@@ -1,0 +1,90 @@
+"""Key maps (data) for the CLIP towers of encoders/clip.py, applied by controlnext/checkpoint.py's engine.
+
+Our module names equal the transformers on-disk layout (`text_model.*`, `text_projection.weight`, `vision_model.*`,
+`visual_projection.weight`), so HF folders (text_encoder/, text_encoder_2/, image_encoder/) need only drop rows.
+The OpenCLIP naming (SD2 and SDXL-bigG text towers, SVD's ViT-H image tower) is renamed here: the fused attention
+`in_proj` is split into q/k/v and the `x @ W` projections are transposed (named transforms of the engine).
+Reference: checkpoints.md §1 (keys to ignore), §2.1 (prefixes), §5.1-§5.2 (the mapping, checked there against
+open_clip 3.3 and transformers 5.23 on small random towers). Rows are matched after the single-file prefix is
+stripped (SINGLE_FILE below says which rows follow which prefix).
+"""
+
+from __future__ import annotations
+
+# --- transformers layout (identity). Stored position_ids are dropped: some merges hold corrupted values (§1, §12.11).
+HF_TEXT = [
+    ("text_model.embeddings.position_ids", None),
+    ("embeddings.position_ids", None),
+    # SD1 fine-tunes that omit the `text_model.` level (and transformers >= 5.6 in-memory names, §5.1): put it back.
+    ("embeddings.", "text_model.embeddings."),
+    ("encoder.", "text_model.encoder."),
+    ("final_layer_norm.", "text_model.final_layer_norm."),
+]
+HF_VISION = [
+    ("vision_model.embeddings.position_ids", None),
+]
+
+# --- OpenCLIP text tower (open_clip `CLIP` minus `.visual`; SD2 `cond_stage_model.model.`, SDXL embedder 1).
+OPENCLIP_TEXT_LAYERS = [
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("transformer.resblocks.{i}.ln_1.", "text_model.encoder.layers.{i}.layer_norm1."),
+    ("transformer.resblocks.{i}.ln_2.", "text_model.encoder.layers.{i}.layer_norm2."),
+    ("transformer.resblocks.{i}.attn.in_proj_", "text_model.encoder.layers.{i}.self_attn.{qkv}_proj.", "split_qkv"),
+    ("transformer.resblocks.{i}.attn.out_proj.", "text_model.encoder.layers.{i}.self_attn.out_proj."),
+    ("transformer.resblocks.{i}.mlp.c_fc.", "text_model.encoder.layers.{i}.mlp.fc1."),
+    ("transformer.resblocks.{i}.mlp.c_proj.", "text_model.encoder.layers.{i}.mlp.fc2."),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("logit_scale", None),  # contrastive temperature, not part of a tower
+    ("attn_mask", None),  # the causal mask buffer of older open_clip versions
+    ("visual.", None),  # the unused image tower when a whole open_clip model is given
+]
+OPENCLIP_TEXT = OPENCLIP_TEXT_LAYERS + [
+    ("text_projection", "text_projection.weight", "transpose"),  # [D, P] used as x @ W -> Linear weight [P, D]
+]
+
+# --- OpenCLIP image tower (open_clip `CLIP.visual`; SVD `conditioner.embedders.0.open_clip.model.`).
+OPENCLIP_VISION = [
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."),
+    ("visual.transformer.resblocks.{i}.ln_1.", "vision_model.encoder.layers.{i}.layer_norm1."),
+    ("visual.transformer.resblocks.{i}.ln_2.", "vision_model.encoder.layers.{i}.layer_norm2."),
+    ("visual.transformer.resblocks.{i}.attn.in_proj_", "vision_model.encoder.layers.{i}.self_attn.{qkv}_proj.",
+     "split_qkv"),
+    ("visual.transformer.resblocks.{i}.attn.out_proj.", "vision_model.encoder.layers.{i}.self_attn.out_proj."),
+    ("visual.transformer.resblocks.{i}.mlp.c_fc.", "vision_model.encoder.layers.{i}.mlp.fc1."),
+    ("visual.transformer.resblocks.{i}.mlp.c_proj.", "vision_model.encoder.layers.{i}.mlp.fc2."),
+    ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("visual.proj", "visual_projection.weight", "transpose"),  # [D, P] used as x @ W -> Linear weight [P, D]
+    # the unused text tower: SVD deleted `.transformer` but kept these leftovers (§1, §2.1: 51,723,265 params)
+    ("token_embedding.", None),
+    ("positional_embedding", None),
+    ("ln_final.", None),
+    ("text_projection", None),
+    ("logit_scale", None),
+    ("transformer.", None),
+    ("attn_mask", None),
+]
+
+# --- SD2 into the diffusers 23-layer text_encoder: drop resblock 23 and the projection (§5.2). Each drop row is the
+# literal twin of a rename row above, so it is the longer match and wins for index 23 only.
+SD2_TEXT = OPENCLIP_TEXT_LAYERS + [
+    ("transformer.resblocks.23.ln_1.", None),
+    ("transformer.resblocks.23.ln_2.", None),
+    ("transformer.resblocks.23.attn.in_proj_", None),
+    ("transformer.resblocks.23.attn.out_proj.", None),
+    ("transformer.resblocks.23.mlp.c_fc.", None),
+    ("transformer.resblocks.23.mlp.c_proj.", None),
+    ("text_projection", None),
+]
+
+# --- Original single files (§2.1): the prefix of each CLIP tower and the rows for what follows it.
+SINGLE_FILE = {
+    "cond_stage_model.transformer.": HF_TEXT,  # SD1.x: HF CLIPTextModel (CLIP-L)
+    "cond_stage_model.model.": SD2_TEXT,  # SD2.x: OpenCLIP ViT-H text, 24 resblocks -> 23
+    "conditioner.embedders.0.transformer.": HF_TEXT,  # SDXL embedder 0: HF CLIPTextModel (CLIP-L)
+    "conditioner.embedders.1.model.": OPENCLIP_TEXT,  # SDXL embedder 1: OpenCLIP bigG text with projection
+    "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,  # SVD: OpenCLIP ViT-H image tower + text leftovers
+}
