@@ -31,9 +31,9 @@ from unet.sd_unet import UNet
 
 
 class ControlNeXtUNet(nn.Module):
-    """A frozen-or-partly-trained UNet with a ControlNeXt branch injected as `injection` says."""
+    """A UNet (SD: UNet; video: SVDUNet, with y = added_time_ids) plus a ControlNeXt branch injected as `injection` says."""
 
-    def __init__(self, unet: UNet, branch: ControlNeXtConfig, injection: Injection):
+    def __init__(self, unet: nn.Module, branch: ControlNeXtConfig, injection: Injection):
         super().__init__()
         self.unet = unet
         self.branch = ControlNeXt(branch)
@@ -63,6 +63,10 @@ class ControlNeXtUNet(nn.Module):
         k = scale * branch_gain(self.injection, self.branch.scale)
         if self.gamma is not None:
             k = k * self.gamma
+        if control_image.ndim == 5:  # video (B, F, 3, H, W) for SVDUNet, which folds frames into the batch
+            frames = control_image.shape[1]
+            k = k.repeat_interleave(frames, dim=0) if isinstance(k, Tensor) and k.ndim == 4 else k  # (B*F, 1, 1, 1)
+            return self.unet(x, t, context, y, num_frames=frames, control=control_hook([c], [k], self.injection))
         return self.unet(x, t, context, y, control=control_hook([c], [k], self.injection))
 
 
@@ -90,7 +94,8 @@ ABLATIONS: dict[str, Callable[[UNet, ControlNeXtConfig, Injection], ControlledUN
     "cross_norm": lambda unet, branch, inj: ControlNeXtUNet(unet, branch, inj),
     "zero_conv": lambda unet, branch, inj: ControlNeXtUNet(unet, branch, replace(inj, normalize=False, zero_conv=True)),
     "no_norm": lambda unet, branch, inj: ControlNeXtUNet(unet, branch, replace(inj, normalize=False)),
-    "paper_norm": lambda unet, branch, inj: ControlNeXtUNet(unet, branch, replace(inj, paper_form=True, eps=1e-5)),
+    "paper_norm": lambda unet, branch, inj: ControlNeXtUNet(unet, branch, replace(inj, paper_form=True, eps=1e-5)),  # ε in
+    # the square root of a variance: GroupNorm's 1e-5, since the paper gives no value
     "controlnet": lambda unet, branch, inj: ControlNetUNet(unet),
 }
 

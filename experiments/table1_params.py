@@ -1,0 +1,89 @@
+"""Table 1 of ControlNeXt (arXiv 2408.06070): total and learnable parameters, computed on the meta device.
+
+Question: which branch and UNet selection reproduce the paper's parameter counts, and what do the released code
+paths give? Command: `python experiments/table1_params.py` (a few seconds on CPU; no weights).
+Expected: every reconciled row within 0.5M of the paper (../shared/reference/controlnext.md §7): SD1.5 865/30 from
+G1-SD15 + all `to_out`; SDXL 2573/108 from a G1-size branch + attn2 `to_out`; SVD 1530/55 from G1-SVD + all
+`to_out`; ControlNet 1220/361 and 3818/1251. The SVD ControlNet figure (2206/682) is not reconciled: ours copies
+the SVD encoder half (conv_in, time/add embeddings, down blocks, mid) and adds ControlNet's hint encoder and zero
+convs; the printed row says what that gives. SVD rows appear once unet/svd_unet.py exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controlnext.control_branch import G1_SD15, G1_SVD, G2, ControlNeXt  # noqa: E402
+from controlnext.controlnet import ENCODER_PREFIXES, ControlNet, ControlNetConfig, HintEncoder  # noqa: E402
+from controlnext.selection import count_selected  # noqa: E402
+from unet.sd_unet import SD15, SDXL, UNet  # noqa: E402
+
+M = 1e6
+# (model, method) -> paper's (total, learnable) in millions; None where the paper gives no learnable figure.
+PAPER = {
+    ("SD1.5", "base"): (859, None), ("SD1.5", "ControlNet"): (1220, 361), ("SD1.5", "ControlNeXt"): (865, 30),
+    ("SDXL", "base"): (2567, None), ("SDXL", "ControlNet"): (3818, 1251), ("SDXL", "ControlNeXt"): (2573, 108),
+    ("SVD", "base"): (1524, None), ("SVD", "ControlNet"): (2206, 682), ("SVD", "ControlNeXt-S"): (1530, 55),
+    ("SVD", "ControlNeXt-F"): (1530, 1530),
+}
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def svd_controlnet_count(unet: nn.Module) -> int:
+    """Encoder half of the SVD UNet + ControlNet's hint encoder (to C0) + one zero conv per skip and the mid."""
+    encoder = sum(p.numel() for n, p in unet.named_parameters() if n.startswith(ENCODER_PREFIXES))
+    channels = unet.config.channels
+    skips = [channels[0]] + [c for i, c in enumerate(channels) for _ in range(2 + (i < len(channels) - 1))]
+    zero_convs = sum(w * w + w for w in skips + [channels[-1]])
+    return encoder + count(HintEncoder(3, ControlNetConfig().hint_channels, channels[0])) + zero_convs
+
+
+def table1() -> list[tuple[str, str, str, float, float, tuple[int, int | None] | None]]:
+    """Rows (model, method, how, total M, learnable M, paper figures or None for rows outside the paper)."""
+    with torch.device("meta"):
+        g2, g1_sd15, g1_svd = (count(ControlNeXt(c)) for c in (G2, G1_SD15, G1_SVD))
+        rows = []
+        for name, cfg, g1, selection in (("SD1.5", SD15, g1_sd15, "to_out"), ("SDXL", SDXL, g1_sd15, "attn2_to_out")):
+            unet = UNet(cfg)
+            base, sel, cn = count(unet), count_selected(unet, selection), count(ControlNet(ControlNetConfig(cfg)))
+            rows += [(name, "base", "UNet", base, base, PAPER[name, "base"]),
+                     (name, "ControlNet", "UNet + ControlNet (all learnable)", base + cn, cn, PAPER[name, "ControlNet"]),
+                     (name, "ControlNeXt", f"G1-SD15 + {selection}", base + g1, g1 + sel, PAPER[name, "ControlNeXt"]),
+                     (name, "ControlNeXt", f"G2 + {selection} (released code)", base + g2, g2 + sel, None)]
+        if importlib.util.find_spec("unet.svd_unet") is not None:
+            from unet.svd_unet import SVD_XT, SVDUNet
+
+            unet = SVDUNet(SVD_XT)
+            base, sel, cn = count(unet), count_selected(unet, "to_out"), svd_controlnet_count(unet)
+            rows += [("SVD", "base", "UNet", base, base, PAPER["SVD", "base"]),
+                     ("SVD", "ControlNet", "UNet + encoder copy + hint + zero convs", base + cn, cn,
+                      PAPER["SVD", "ControlNet"]),
+                     ("SVD", "ControlNeXt-S", "G1-SVD + to_out", base + g1_svd, g1_svd + sel,
+                      PAPER["SVD", "ControlNeXt-S"]),
+                     ("SVD", "ControlNeXt-F", "G1-SVD + all", base + g1_svd, base + g1_svd, PAPER["SVD", "ControlNeXt-F"]),
+                     ("SVD", "ControlNeXt-F", "G2 + all (v2 released code)", base + g2, base + g2, None)]
+    return [(m, meth, how, total / M, learn / M, paper) for m, meth, how, total, learn, paper in rows]
+
+
+def main() -> None:
+    print(f"{'model':6} {'method':14} {'ours total/learnable (M)':>25} {'paper':>12}  how")
+    for model, method, how, total, learnable, paper in table1():
+        ours = f"{total:9.2f} / {learnable:8.2f}"
+        ref = "" if paper is None else f"{paper[0]} / {paper[1] if paper[1] is not None else '-'}"
+        print(f"{model:6} {method:14} {ours:>25} {ref:>12}  {how}")
+    if importlib.util.find_spec("unet.svd_unet") is None:
+        print("SVD rows: unet/svd_unet.py is not in this tree yet")
+
+
+if __name__ == "__main__":
+    main()
