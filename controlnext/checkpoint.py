@@ -182,7 +182,9 @@ class KeyMap:
         for _, regex, rank, target, transform in self.patterns:
             m = regex.match(key)
             if m and (best is None or rank > best[0]):
-                best = (rank, None if target is None else target.format(**m.groupdict()), transform, key[m.end():])
+                # fill the matched placeholders only: a transform's own literal ({qkv} of split_qkv) stays for it
+                filled = None if target is None else re.sub(r"\{(\w+)\}", lambda p: m.groupdict().get(p[1], p[0]), target)
+                best = (rank, filled, transform, key[m.end():])
         return best
 
     def apply(self, state: Mapping[str, Tensor]) -> tuple[StateDict, dict[str, str]]:
@@ -397,6 +399,86 @@ def save_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> 
         save_state({ORIGINAL_UNET_PREFIX + k: v for k, v in renamed.items()}, path)
     else:
         raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- CLIP encoders (issue 9): text towers (SD1.5 / SD2 / SDXL) and SVD's image tower, rows in encoders/keymap.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _clip_tower(state: StateDict, config: "CLIPConfig | None", prefix: str | None) -> tuple[str, list[Row]]:
+    """(prefix, rows) of the CLIP tower in `state`: a single-file prefix (§2.1), else bare OpenCLIP or HF names."""
+    from encoders import keymap as clip_keymap
+
+    present = [p for p in clip_keymap.SINGLE_FILE if any(k.startswith(p) for k in state)]
+    if prefix is not None:
+        if not any(k.startswith(prefix) for k in state):
+            raise ValueError(f"no keys start with prefix {prefix!r}")
+        present = [prefix]
+    if len(present) > 1:  # SDXL holds two text towers: keep the one the config fits
+        fits = [p for p in present if config is not None and _clip_fits(state, p, clip_keymap.SINGLE_FILE[p], config)]
+        if len(fits) != 1:
+            raise ValueError(f"the weights hold several CLIP towers ({', '.join(present)}) and "
+                             f"{'no config was given' if config is None else f'{len(fits)} fit the config'}: "
+                             "pass a config that fits one of them, or prefix=")
+        present = fits
+    if present and present[0] in clip_keymap.SINGLE_FILE:
+        return present[0], clip_keymap.SINGLE_FILE[present[0]]
+    start = present[0] if present else ""
+    keys = [k[len(start):] for k in state if k.startswith(start)]
+    if any(k.startswith(("transformer.resblocks.", "visual.", "token_embedding.")) for k in keys):  # OpenCLIP names
+        vision = config.vision if config is not None else not any(k.startswith("token_embedding.") for k in keys)
+        return start, clip_keymap.OPENCLIP_VISION if vision else clip_keymap.OPENCLIP_TEXT
+    return start, clip_keymap.HF_TEXT + clip_keymap.HF_VISION
+
+
+def _clip_fits(state: StateDict, prefix: str, rows: list[Row], config: "CLIPConfig") -> bool:
+    """Whether the tower under `prefix` has exactly the keys and shapes of `config`'s model."""
+    from encoders.clip import build_clip
+
+    renamed, _ = KeyMap(rows).apply(strip_prefix(state, prefix))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_clip(config).state_dict().items()}
+    return expected == {k: tuple(v.shape) for k, v in renamed.items()}
+
+
+def load_clip(source: str | Path | Mapping[str, Tensor], config: "CLIPConfig | None" = None, *,
+              prefix: str | None = None, dtype: torch.dtype = torch.float32) -> "CLIPTextModel | CLIPVisionModel":
+    """A CLIP tower from an HF folder (text_encoder/, text_encoder_2/, image_encoder/), a file or a state dict.
+
+    The layout is detected: an original single file (SD1.5, SD2, SDXL: pass the config or prefix= to choose one of
+    its two text towers, SVD), OpenCLIP names, or HF names. The config comes from the folder's config.json, else
+    from `config`, else from the one preset in encoders.clip.PRESETS whose shapes fit. Strict accounting throughout.
+    """
+    from encoders import keymap as clip_keymap
+    from encoders.clip import PRESETS, CLIPConfig, build_clip, config_from_hf
+
+    folder_config = None
+    if not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
+        folder_config = config_from_hf(json.loads((Path(source) / "config.json").read_text()))
+        if config is not None and config != folder_config:
+            diff = [f"{f}: config.json {getattr(folder_config, f)!r} vs given {getattr(config, f)!r}"
+                    for f in CLIPConfig.__dataclass_fields__ if getattr(folder_config, f) != getattr(config, f)]
+            raise ValueError(f"{source}: the given CLIP config does not match config.json ({'; '.join(diff)})")
+    config = config or folder_config
+    state = read_state(source)
+    name = "state dict" if isinstance(source, Mapping) else str(source)
+    start, rows = _clip_tower(state, config, prefix)
+    renamed, origin = KeyMap(rows).apply(strip_prefix(state, start))
+    if not any(k.startswith(("text_model.", "vision_model.")) for k in renamed):
+        raise ValueError(f"{name}: no CLIP text or vision tower found (looked for the prefixes "
+                         f"{', '.join(clip_keymap.SINGLE_FILE)}, and for HF or OpenCLIP names)")
+    if config is None:
+        fits = [c for c in PRESETS.values() if _clip_fits(state, start, rows, c)]
+        if len(fits) != 1:
+            raise ValueError(f"{name}: {'no' if not fits else 'more than one'} preset of encoders.clip.PRESETS "
+                             f"fits these CLIP weights: pass config=")
+        config = fits[0]
+    with torch.device("meta"):
+        model = build_clip(config).to(dtype)
+    load_into(model, renamed, {k: start + v for k, v in origin.items()},
+              what=f"CLIP {'vision' if config.vision else 'text'} tower ({name}, prefix {start or 'none'!r})")
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
