@@ -31,12 +31,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class TimestepMLP(nn.Module):
-    """Linear -> SiLU -> Linear (LDM `time_embed` / `label_emb`; diffusers TimestepEmbedding)."""
+    """Linear -> SiLU -> Linear (LDM `time_embed` / `label_emb`; diffusers TimestepEmbedding).
 
-    def __init__(self, in_dim: int, dim: int):
+    `out_dim` defaults to `dim`; SVD's frame-position embedding maps C -> 4C -> C (`time_pos_embed`).
+    """
+
+    def __init__(self, in_dim: int, dim: int, out_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_2 = nn.Linear(dim, out_dim or dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
