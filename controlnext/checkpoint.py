@@ -537,3 +537,153 @@ def load_unet_weights(unet: nn.Module, source: str | Path | Mapping[str, Tensor]
     print(f"{what}: added increments to {len(renamed)} of {len(targets)} tensors "
           f"({sum(v.numel() for v in renamed.values()):,} parameters)")
     return unet
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- VAE (issue 7): load_vae / load_temporal_vae / save_vae, diffusers config.json <-> VAEConfig; rows in vae/keymap.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+ORIGINAL_VAE_PREFIX = "first_stage_model."  # LDM/SGM single files (checkpoints.md §2.1)
+SVD_EMBEDDER_PREFIX = "conditioner.embedders.3.encoder."  # svd*.safetensors: the conditioning-frame autoencoder (§4.3)
+
+# diffusers config.json fields that do not change the weights or the maths, and diffusers-only features we do not
+# model, which must then stay at these values (checkpoints.md §7.3).
+IGNORED_VAE_FIELDS = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast")
+FIXED_VAE_FIELDS = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
+                    "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}
+
+
+def vae_config_from_diffusers(d: Mapping, temporal: bool):
+    """VAEConfig (AutoencoderKL) or TemporalVAEConfig (AutoencoderKLTemporalDecoder) from config.json fields."""
+    from vae.autoencoder import VAEConfig
+    from vae.temporal_decoder import TemporalVAEConfig
+
+    fields = {"in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
+              "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+              "scaling_factor": "latent_scale"}
+    if not temporal:
+        fields.update(norm_num_groups="norm_groups", use_quant_conv="use_quant_conv",
+                      use_post_quant_conv="use_post_quant_conv", mid_block_add_attention="mid_attention")
+    unknown = sorted(set(d) - set(fields) - set(IGNORED_VAE_FIELDS) - set(FIXED_VAE_FIELDS))
+    if unknown:
+        raise ValueError(f"VAE config.json: unknown fields {unknown}")
+    for field, value in FIXED_VAE_FIELDS.items():
+        given = d.get(field, value)
+        if (set(given) != set(value)) if isinstance(value, list) else given != value:
+            raise ValueError(f"VAE config.json: {field}={given!r} is not supported (expected {value!r})")
+    values = {ours: tuple(d[theirs]) if isinstance(d[theirs], list) else d[theirs]
+              for theirs, ours in fields.items() if theirs in d}
+    return TemporalVAEConfig(**values) if temporal else VAEConfig(**values)
+
+
+def vae_config_to_diffusers(cfg) -> dict:
+    """The config.json of the diffusers class equal to `cfg` (for export and for building references in tests)."""
+    from vae.temporal_decoder import TemporalVAEConfig
+
+    levels = len(cfg.block_out_channels)
+    d = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
+         "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+         "down_block_types": ["DownEncoderBlock2D"] * levels, "scaling_factor": cfg.latent_scale}
+    if isinstance(cfg, TemporalVAEConfig):
+        return {"_class_name": "AutoencoderKLTemporalDecoder", **d}
+    return {"_class_name": "AutoencoderKL", **d, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "norm_num_groups": cfg.norm_groups, "use_quant_conv": cfg.use_quant_conv,
+            "use_post_quant_conv": cfg.use_post_quant_conv, "mid_block_add_attention": cfg.mid_attention}
+
+
+def _vae_source(source, config, temporal: bool, where: str):
+    """(state, config object): reads a file, a vae/ folder (or a pipeline folder holding one) or a state dict."""
+    from vae.autoencoder import PRESETS as IMAGE_PRESETS, VAEConfig
+    from vae.temporal_decoder import PRESETS as VIDEO_PRESETS, TemporalVAEConfig
+
+    if not isinstance(source, Mapping) and (Path(source) / "vae").is_dir():
+        source = Path(source) / "vae"  # a whole diffusers pipeline folder
+    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
+        config = json.loads((Path(source) / "config.json").read_text())
+    presets, kind = (VIDEO_PRESETS, TemporalVAEConfig) if temporal else (IMAGE_PRESETS, VAEConfig)
+    if isinstance(config, Mapping):
+        config = vae_config_from_diffusers(config, temporal)
+    elif config is None or isinstance(config, str):
+        name = config or ("svd" if temporal else "sd")
+        if name not in presets:
+            raise ValueError(f"{where}: unknown VAE preset {name!r} (expected one of {sorted(presets)})")
+        config = presets[name]
+    if not isinstance(config, kind):
+        raise ValueError(f"{where}: config must be a preset name, a {kind.__name__} or config.json fields")
+    return read_state(source), config
+
+
+def _vae_check(state: Mapping[str, Tensor], where: str) -> None:
+    """One clear error for a file that holds no VAE at all (a UNet, a text encoder, ...)."""
+    if not any(k.startswith(("encoder.", "decoder.")) for k in state):
+        raise ValueError(f"{where}: not a VAE checkpoint (no encoder./decoder. or first_stage_model. weights; "
+                         f"first keys: {sorted(state)[:3]})")
+
+
+def load_vae(source: str | Path | Mapping[str, Tensor], config=None) -> nn.Module:
+    """Our AutoencoderKL from a diffusers file/folder, an original single file (`first_stage_model.`; the other
+    components are ignored), a standalone LDM VAE file, or a state dict. `config`: a preset name ("sd" by default),
+    a VAEConfig, or config.json fields (a folder's config.json is read). Every key is accounted for."""
+    from vae.autoencoder import AutoencoderKL
+    from vae.keymap import LEGACY_DIFFUSERS_ROWS, SD_VAE_ROWS
+
+    where = "state dict" if isinstance(source, Mapping) else str(source)
+    state, cfg = _vae_source(source, config, False, where)
+    if any(k.startswith(ORIGINAL_VAE_PREFIX) for k in state):
+        state = strip_prefix(state, ORIGINAL_VAE_PREFIX)
+    _vae_check(state, where)
+    renamed, origin = KeyMap(SD_VAE_ROWS + LEGACY_DIFFUSERS_ROWS).apply(state)  # diffusers names pass through
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)
+    return load_into(model, renamed, origin, what=f"VAE from {where}")
+
+
+def load_temporal_vae(source: str | Path | Mapping[str, Tensor], config=None) -> nn.Module:
+    """Our TemporalAutoencoder (SVD) from the diffusers vae/ (file, folder or state dict), a whole svd*.safetensors
+    (encoder + quant_conv from the conditioning embedder, decoder from first_stage_model, §4.3), or a file holding only
+    `first_stage_model.` (no quant_conv there: the model is then built without one)."""
+    from dataclasses import replace
+
+    from vae.keymap import LEGACY_DIFFUSERS_ROWS, SVD_FIRST_STAGE_ROWS, SVD_RELEASE_ROWS
+    from vae.temporal_decoder import TemporalAutoencoder
+
+    where = "state dict" if isinstance(source, Mapping) else str(source)
+    state, cfg = _vae_source(source, config, True, where)
+    if SVD_EMBEDDER_PREFIX + "encoder.conv_in.weight" in state:
+        rows = SVD_RELEASE_ROWS
+    else:
+        if any(k.startswith(ORIGINAL_VAE_PREFIX) for k in state):
+            state = strip_prefix(state, ORIGINAL_VAE_PREFIX)
+        _vae_check(state, where)
+        rows = SVD_FIRST_STAGE_ROWS + LEGACY_DIFFUSERS_ROWS
+    renamed, origin = KeyMap(rows).apply(state)
+    if "quant_conv.weight" not in renamed and "quant_conv.bias" not in renamed:
+        cfg = replace(cfg, use_quant_conv=False)  # SGM's first stage has no quant_conv (§2.1)
+    with torch.device("meta"):
+        model = TemporalAutoencoder(cfg)
+    return load_into(model, renamed, origin, what=f"temporal VAE from {where}")
+
+
+def save_vae(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
+    """Write an AutoencoderKL or TemporalAutoencoder. "diffusers": a folder with config.json and
+    diffusion_pytorch_model.safetensors. "original": one .safetensors in the single-file layout: `first_stage_model.`
+    (SD); for SVD also the encoder and quant_conv under `conditioner.embedders.3.encoder.`, as the release keeps them."""
+    from vae.keymap import ENCODER_ROWS, SD_VAE_ROWS, SVD_RELEASE_ROWS
+    from vae.temporal_decoder import TemporalAutoencoder
+
+    state = model.state_dict()
+    if layout == "diffusers":
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_state(state, folder / "diffusion_pytorch_model.safetensors")
+        (folder / "config.json").write_text(json.dumps(vae_config_to_diffusers(model.config), indent=2))
+    elif layout == "original" and isinstance(model, TemporalAutoencoder):
+        out, _ = KeyMap(SVD_RELEASE_ROWS).inverse().apply(state)
+        encoder, _ = KeyMap(ENCODER_ROWS).inverse().apply({k: v for k, v in state.items() if k.startswith("encoder.")})
+        out.update({ORIGINAL_VAE_PREFIX + k: v.clone() for k, v in encoder.items()})  # SGM's first stage keeps a copy
+        save_state(out, path)
+    elif layout == "original":
+        renamed, _ = KeyMap(SD_VAE_ROWS).inverse().apply(state)
+        save_state({ORIGINAL_VAE_PREFIX + k: v for k, v in renamed.items()}, path)
+    else:
+        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")

@@ -1,0 +1,123 @@
+"""Key-map rows for VAE checkpoints (data only; the engine is controlnext/checkpoint.py, STYLE.md §4).
+
+Our module names equal diffusers' (AutoencoderKL, AutoencoderKLTemporalDecoder), so the diffusers layout needs no
+rows. The rows below rename the original single-file layouts (CompVis LDM `first_stage_model.`, SGM `VideoDecoder`),
+read with the `first_stage_model.` prefix already stripped, and the legacy diffusers attention names. Every table also
+holds identity catch-alls (`encoder.` -> `encoder.`) so that re-rooting it under a prefix keeps every key in scope.
+Reference: ../shared/reference/checkpoints.md §4.1 (SD VAE), §4.2 (SVD VideoDecoder), §4.3 (where svd*.safetensors
+keeps its encoder), §1 (keys to ignore). Rows are (source_prefix, our_prefix[, transform]); the longest match wins.
+"""
+
+from __future__ import annotations
+
+
+def under(source_root: str, target_root: str, rows: list[tuple]) -> list[tuple]:
+    """The same rows with a prefix put in front of every source (and target) prefix; None targets stay drops."""
+    return [(source_root + source, None if target is None else target_root + target, *rest)
+            for source, target, *rest in rows]
+
+
+# The original decoder counts levels from full resolution up (`up.0` is the last one run); diffusers counts in
+# execution order. The four released levels, written out (no index arithmetic, STYLE.md §4.2).
+LDM_UP_LEVELS = (("0", "3"), ("1", "2"), ("2", "1"), ("3", "0"))
+
+# Mid-block attention: 1x1 convs in the original, Linear in diffusers (checkpoints.md §12.5).
+MID_ATTENTION_ROWS = [
+    row
+    for part in ("encoder", "decoder")
+    for row in (
+        (f"{part}.mid.attn_1.norm.", f"{part}.mid_block.attentions.0.group_norm."),
+        (f"{part}.mid.attn_1.q.", f"{part}.mid_block.attentions.0.to_q.", "squeeze_1x1"),
+        (f"{part}.mid.attn_1.k.", f"{part}.mid_block.attentions.0.to_k.", "squeeze_1x1"),
+        (f"{part}.mid.attn_1.v.", f"{part}.mid_block.attentions.0.to_v.", "squeeze_1x1"),
+        (f"{part}.mid.attn_1.proj_out.", f"{part}.mid_block.attentions.0.to_out.0.", "squeeze_1x1"),
+    )
+]
+
+ENCODER_ROWS = [
+    ("encoder.", "encoder."),  # conv_in, conv_out keep their names
+    ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
+    ("encoder.down.{i}.block.{j}.nin_shortcut.", "encoder.down_blocks.{i}.resnets.{j}.conv_shortcut."),
+    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0."),
+    ("encoder.mid.block_1.", "encoder.mid_block.resnets.0."),
+    ("encoder.mid.block_2.", "encoder.mid_block.resnets.1."),
+    ("encoder.norm_out.", "encoder.conv_norm_out."),
+    *MID_ATTENTION_ROWS[:5],
+]
+
+# The SD / SDXL image decoder (LDM `Decoder`).
+IMAGE_DECODER_ROWS = [
+    ("decoder.", "decoder."),  # conv_in, conv_out keep their names
+    ("decoder.mid.block_1.", "decoder.mid_block.resnets.0."),
+    ("decoder.mid.block_2.", "decoder.mid_block.resnets.1."),
+    ("decoder.norm_out.", "decoder.conv_norm_out."),
+    *MID_ATTENTION_ROWS[5:],
+    *[row for ldm, ours in LDM_UP_LEVELS for row in (
+        (f"decoder.up.{ldm}.block.{{j}}.", f"decoder.up_blocks.{ours}.resnets.{{j}}."),
+        (f"decoder.up.{ldm}.block.{{j}}.nin_shortcut.", f"decoder.up_blocks.{ours}.resnets.{{j}}.conv_shortcut."),
+        (f"decoder.up.{ldm}.upsample.", f"decoder.up_blocks.{ours}.upsamplers.0."),
+    )],
+]
+
+
+def video_res_block_rows(ldm: str, ours: str) -> list[tuple]:
+    """One SGM VideoResBlock -> diffusers SpatioTemporalResBlock (§4.2): the image part, time_stack, mix_factor."""
+    return [
+        (ldm, ours + "spatial_res_block."),
+        (ldm + "nin_shortcut.", ours + "spatial_res_block.conv_shortcut."),
+        (ldm + "time_stack.in_layers.0.", ours + "temporal_res_block.norm1."),
+        (ldm + "time_stack.in_layers.2.", ours + "temporal_res_block.conv1."),
+        (ldm + "time_stack.out_layers.0.", ours + "temporal_res_block.norm2."),
+        (ldm + "time_stack.out_layers.3.", ours + "temporal_res_block.conv2."),
+        (ldm + "mix_factor", ours + "time_mixer.mix_factor"),
+    ]
+
+
+# The SVD VideoDecoder (SGM temporal_ae.py, time_mode "conv-only").
+VIDEO_DECODER_ROWS = [
+    ("decoder.", "decoder."),  # conv_in, conv_out keep their names
+    ("decoder.norm_out.", "decoder.conv_norm_out."),
+    ("decoder.conv_out.time_mix_conv.", "decoder.time_conv_out."),  # AE3DConv's temporal conv after conv_out
+    *MID_ATTENTION_ROWS[5:],
+    *video_res_block_rows("decoder.mid.block_1.", "decoder.mid_block.resnets.0."),
+    *video_res_block_rows("decoder.mid.block_2.", "decoder.mid_block.resnets.1."),
+    *[row for ldm, ours in LDM_UP_LEVELS for row in (
+        *video_res_block_rows(f"decoder.up.{ldm}.block.{{j}}.", f"decoder.up_blocks.{ours}.resnets.{{j}}."),
+        (f"decoder.up.{ldm}.upsample.", f"decoder.up_blocks.{ours}.upsamplers.0."),
+    )],
+]
+
+QUANT_ROWS = [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
+
+# Diffusers VAE files saved by diffusers <= ~0.13 name the mid attention query/key/value/proj_attn (§4.1). Load only.
+LEGACY_DIFFUSERS_ROWS = [
+    row
+    for part in ("encoder", "decoder")
+    for row in (
+        (f"{part}.mid_block.attentions.0.query.", f"{part}.mid_block.attentions.0.to_q."),
+        (f"{part}.mid_block.attentions.0.key.", f"{part}.mid_block.attentions.0.to_k."),
+        (f"{part}.mid_block.attentions.0.value.", f"{part}.mid_block.attentions.0.to_v."),
+        (f"{part}.mid_block.attentions.0.proj_attn.", f"{part}.mid_block.attentions.0.to_out.0."),
+    )
+]
+
+# SD1.x / SD2.x / SDXL `first_stage_model.` (prefix stripped) or a standalone LDM VAE file. Diffusers names pass through.
+SD_VAE_ROWS = ENCODER_ROWS + IMAGE_DECODER_ROWS + QUANT_ROWS
+
+# SGM `first_stage_model.` of SVD (prefix stripped): SD encoder + VideoDecoder, no quant convs (§2.1).
+SVD_FIRST_STAGE_ROWS = ENCODER_ROWS + VIDEO_DECODER_ROWS + QUANT_ROWS[:1]
+
+# A whole svd*.safetensors file (§4.3): encoder and quant_conv from the conditioning-frame autoencoder
+# `conditioner.embedders.3.encoder.` (what SGM runs at sampling time), decoder from `first_stage_model.decoder.`;
+# drop the first stage's own encoder, the embedder's image decoder, and every other component of the file.
+SVD_RELEASE_ROWS = [
+    *under("conditioner.embedders.3.encoder.", "", ENCODER_ROWS),
+    ("conditioner.embedders.3.encoder.quant_conv.", "quant_conv."),
+    *under("first_stage_model.", "", VIDEO_DECODER_ROWS),
+    ("first_stage_model.encoder.", None),
+    ("conditioner.embedders.3.encoder.decoder.", None),
+    ("conditioner.embedders.3.encoder.post_quant_conv.", None),
+    ("model.", None),  # the UNet
+    ("conditioner.", None),  # the CLIP image tower and parameter-free embedders
+    ("denoiser.", None),  # SGM discrete-denoiser sigmas, if present (§1)
+]
