@@ -85,3 +85,83 @@ ORIGINAL_ROWS = {
     (4, (True, True, True, False), 2): SD_ROWS,
     (3, (False, True, True), 2): SDXL_ROWS,
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- SVD VideoUNet (issue 8): SGM `VideoUNet` (model.diffusion_model. of svd*.safetensors) -> our SVDUNet
+# Same block indices as SD_ROWS (checkpoints.md §3.5); only the names inside the blocks differ.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Inside an SGM VideoResBlock: the spatial ResBlock's own names, its temporal twin under `time_stack.` (Conv3d, no
+# skip), and the blend factor.
+VIDEO_RESNET = [
+    ("in_layers.0.", "spatial_res_block.norm1."), ("in_layers.2.", "spatial_res_block.conv1."),
+    ("emb_layers.1.", "spatial_res_block.time_emb_proj."), ("out_layers.0.", "spatial_res_block.norm2."),
+    ("out_layers.3.", "spatial_res_block.conv2."), ("skip_connection.", "spatial_res_block.conv_shortcut."),
+    ("time_stack.in_layers.0.", "temporal_res_block.norm1."), ("time_stack.in_layers.2.", "temporal_res_block.conv1."),
+    ("time_stack.emb_layers.1.", "temporal_res_block.time_emb_proj."),
+    ("time_stack.out_layers.0.", "temporal_res_block.norm2."), ("time_stack.out_layers.3.", "temporal_res_block.conv2."),
+    ("time_mixer.", "time_mixer."),
+]
+
+# Inside an SGM SpatialVideoTransformer: norm/proj_in/proj_out/transformer_blocks/time_mixer keep their names (the
+# empty row); the temporal blocks and the frame-position MLP are renamed.
+VIDEO_TRANSFORMER = [
+    ("", ""), ("time_stack.", "temporal_transformer_blocks."),
+    ("time_pos_embed.0.", "time_pos_embed.linear_1."), ("time_pos_embed.2.", "time_pos_embed.linear_2."),
+]
+
+SVD_ROWS = [
+    ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+    ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+    *nest("input_blocks.1.0.", "down_blocks.0.resnets.0.", VIDEO_RESNET),
+    *nest("input_blocks.1.1.", "down_blocks.0.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("input_blocks.2.0.", "down_blocks.0.resnets.1.", VIDEO_RESNET),
+    *nest("input_blocks.2.1.", "down_blocks.0.attentions.1.", VIDEO_TRANSFORMER),
+    ("input_blocks.3.0.op.", "down_blocks.0.downsamplers.0.conv."),
+    *nest("input_blocks.4.0.", "down_blocks.1.resnets.0.", VIDEO_RESNET),
+    *nest("input_blocks.4.1.", "down_blocks.1.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("input_blocks.5.0.", "down_blocks.1.resnets.1.", VIDEO_RESNET),
+    *nest("input_blocks.5.1.", "down_blocks.1.attentions.1.", VIDEO_TRANSFORMER),
+    ("input_blocks.6.0.op.", "down_blocks.1.downsamplers.0.conv."),
+    *nest("input_blocks.7.0.", "down_blocks.2.resnets.0.", VIDEO_RESNET),
+    *nest("input_blocks.7.1.", "down_blocks.2.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("input_blocks.8.0.", "down_blocks.2.resnets.1.", VIDEO_RESNET),
+    *nest("input_blocks.8.1.", "down_blocks.2.attentions.1.", VIDEO_TRANSFORMER),
+    ("input_blocks.9.0.op.", "down_blocks.2.downsamplers.0.conv."),
+    *nest("input_blocks.10.0.", "down_blocks.3.resnets.0.", VIDEO_RESNET),
+    *nest("input_blocks.11.0.", "down_blocks.3.resnets.1.", VIDEO_RESNET),
+    *nest("middle_block.0.", "mid_block.resnets.0.", VIDEO_RESNET),
+    *nest("middle_block.1.", "mid_block.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("middle_block.2.", "mid_block.resnets.1.", VIDEO_RESNET),
+    *nest("output_blocks.0.0.", "up_blocks.0.resnets.0.", VIDEO_RESNET),
+    *nest("output_blocks.1.0.", "up_blocks.0.resnets.1.", VIDEO_RESNET),
+    *nest("output_blocks.2.0.", "up_blocks.0.resnets.2.", VIDEO_RESNET),
+    ("output_blocks.2.1.conv.", "up_blocks.0.upsamplers.0.conv."),  # sub-index 1: no attention at this level
+    *nest("output_blocks.3.0.", "up_blocks.1.resnets.0.", VIDEO_RESNET),
+    *nest("output_blocks.3.1.", "up_blocks.1.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("output_blocks.4.0.", "up_blocks.1.resnets.1.", VIDEO_RESNET),
+    *nest("output_blocks.4.1.", "up_blocks.1.attentions.1.", VIDEO_TRANSFORMER),
+    *nest("output_blocks.5.0.", "up_blocks.1.resnets.2.", VIDEO_RESNET),
+    *nest("output_blocks.5.1.", "up_blocks.1.attentions.2.", VIDEO_TRANSFORMER),
+    ("output_blocks.5.2.conv.", "up_blocks.1.upsamplers.0.conv."),
+    *nest("output_blocks.6.0.", "up_blocks.2.resnets.0.", VIDEO_RESNET),
+    *nest("output_blocks.6.1.", "up_blocks.2.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("output_blocks.7.0.", "up_blocks.2.resnets.1.", VIDEO_RESNET),
+    *nest("output_blocks.7.1.", "up_blocks.2.attentions.1.", VIDEO_TRANSFORMER),
+    *nest("output_blocks.8.0.", "up_blocks.2.resnets.2.", VIDEO_RESNET),
+    *nest("output_blocks.8.1.", "up_blocks.2.attentions.2.", VIDEO_TRANSFORMER),
+    ("output_blocks.8.2.conv.", "up_blocks.2.upsamplers.0.conv."),
+    *nest("output_blocks.9.0.", "up_blocks.3.resnets.0.", VIDEO_RESNET),
+    *nest("output_blocks.9.1.", "up_blocks.3.attentions.0.", VIDEO_TRANSFORMER),
+    *nest("output_blocks.10.0.", "up_blocks.3.resnets.1.", VIDEO_RESNET),
+    *nest("output_blocks.10.1.", "up_blocks.3.attentions.1.", VIDEO_TRANSFORMER),
+    *nest("output_blocks.11.0.", "up_blocks.3.resnets.2.", VIDEO_RESNET),
+    *nest("output_blocks.11.1.", "up_blocks.3.attentions.2.", VIDEO_TRANSFORMER),
+]
+
+# Which table an SVD UNet structure uses: (levels, attention per level, ResBlocks per level) -> rows.
+SVD_ORIGINAL_ROWS = {
+    (4, (True, True, True, False), 2): SVD_ROWS,
+}
