@@ -30,7 +30,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections (HF naming; OpenCLIP's fused in_proj is split on load)."""
+    """Multi-head self-attention, separate q/k/v projections (HF names; OpenCLIP's fused in_proj is split on load)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -130,7 +130,7 @@ class CLIPVisionEmbeddings(nn.Module):
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    vision: bool = False              # False: causal text tower (CLIPTextModel); True: ViT image tower (CLIPVisionModel)
+    vision: bool = False              # False: causal text tower (CLIPTextModel); True: ViT tower (CLIPVisionModel)
     hidden_size: int = 768            # transformer width
     num_hidden_layers: int = 12       # SD2's diffusers text_encoder keeps 23 of OpenCLIP-H's 24 (§5.2)
     num_attention_heads: int = 12     # head dim = hidden_size / heads (64 for the text towers, 80 for ViT-H vision)
@@ -153,8 +153,8 @@ class CLIPConfig:
 @dataclass(frozen=True)
 class CLIPOutput:
     last_hidden_state: Tensor       # (B, T, C): text: final LN of the last layer; vision: last layer, no LN (as HF)
-    hidden_states: tuple[Tensor, ...]  # layers + 1 states (B, T, C), no LN: [0] embeddings, [-2] penultimate (clip skip)
-    pooled: Tensor                  # (B, C): text: last_hidden_state at the first eos; vision: post_layernorm(class token)
+    hidden_states: tuple[Tensor, ...]  # layers + 1 x (B, T, C), no LN: [0] embeddings, [-2] penultimate (clip skip)
+    pooled: Tensor                  # (B, C): text: last_hidden_state at the first eos; vision: post-LN class token
     embeds: Tensor | None           # (B, P): projection of `pooled` (text_embeds / image_embeds), None without one
 
 

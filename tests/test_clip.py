@@ -7,6 +7,7 @@ move bits, they do not round).
 """
 
 import collections
+from dataclasses import replace
 import gzip
 import json
 import re
@@ -210,10 +211,11 @@ def test_openclip_layout_reproduces_hf_layout(config):
 
 def test_single_files_sd2_sdxl_svd(tmp_path):
     # SD2: 24 OpenCLIP resblocks + projection -> the 23-layer HF tower; its output is the penultimate layer + ln_final
-    h24 = build_clip(CLIPConfig(**{**TINY.__dict__, "num_hidden_layers": 24, "quick_gelu": False})).eval()
+    h24 = build_clip(replace(TINY, num_hidden_layers=24, quick_gelu=False)).eval()
     sd2 = {"cond_stage_model.model." + k: v for k, v in to_openclip(h24.state_dict(), vision=False).items()}
-    sd2 |= {"cond_stage_model.model.logit_scale": torch.tensor(4.6), "model.diffusion_model.conv_in.weight": torch.ones(1)}
-    config = CLIPConfig(**{**TINY.__dict__, "num_hidden_layers": 23, "quick_gelu": False, "projection_dim": None})
+    sd2 |= {"cond_stage_model.model.logit_scale": torch.tensor(4.6),
+            "model.diffusion_model.conv_in.weight": torch.ones(1)}  # other models' keys are left alone
+    config = replace(TINY, num_hidden_layers=23, quick_gelu=False, projection_dim=None)
     save_state(sd2, tmp_path / "sd2.safetensors")
     ours = load_clip(tmp_path / "sd2.safetensors", config)
     ids = text_ids()
@@ -222,7 +224,7 @@ def test_single_files_sd2_sdxl_svd(tmp_path):
         torch.testing.assert_close(ours(ids).last_hidden_state,
                                    h24.text_model.final_layer_norm(full.hidden_states[-2]), atol=0, rtol=0)
     # SDXL: two text towers in one file; the config picks one
-    clip_l, bigg = build_clip(TINY.__class__(**{**TINY.__dict__, "projection_dim": None})), build_clip(TINY)
+    clip_l, bigg = build_clip(replace(TINY, projection_dim=None)), build_clip(TINY)
     sdxl = {"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.state_dict().items()}
     sdxl |= {"conditioner.embedders.1.model." + k: v for k, v in to_openclip(bigg.state_dict(), False).items()}
     sdxl["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -243,8 +245,8 @@ def test_single_files_sd2_sdxl_svd(tmp_path):
 def meta_openclip(config: CLIPConfig, prefix: str, layers: int | None = None) -> dict:
     """Full-size original key set (meta tensors) written through the test-side OpenCLIP converter."""
     with torch.device("meta"):
-        model = build_clip(CLIPConfig(**{**config.__dict__, "num_hidden_layers": layers or config.num_hidden_layers,
-                                         "projection_dim": config.projection_dim or config.hidden_size}))
+        model = build_clip(replace(config, num_hidden_layers=layers or config.num_hidden_layers,
+                                   projection_dim=config.projection_dim or config.hidden_size))
     return {prefix + k: v for k, v in to_openclip(model.state_dict(), config.vision).items()}
 
 
@@ -277,12 +279,12 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         load_clip(tmp_path / "notes.txt")
     transformers.CLIPTextModel(hf_text_config()).save_pretrained(tmp_path / "te")
     with pytest.raises(ValueError, match="does not match config.json.*hidden_size"):
-        load_clip(tmp_path / "te", CLIPConfig(**{**load_clip(tmp_path / "te").config.__dict__, "hidden_size": 64}))
+        load_clip(tmp_path / "te", replace(load_clip(tmp_path / "te").config, hidden_size=64))
     state = build_clip(TINY).state_dict()
     with pytest.raises(ValueError, match=r"wrong shape\)[\s\S]*text_model.embeddings.token_embedding.weight"):
-        load_clip(state, CLIPConfig(**{**TINY.__dict__, "vocab_size": 2000}))
+        load_clip(state, replace(TINY, vocab_size=2000))
     with pytest.raises(ValueError, match="no preset .* fits"):
-        load_clip(build_clip(CLIPConfig(**{**TINY.__dict__, "hidden_size": 48})).state_dict())
+        load_clip(build_clip(replace(TINY, hidden_size=48)).state_dict())
     with pytest.raises(ValueError, match="not a CLIP tokenizer folder"):
         CLIPTokenizer.from_folder(tmp_path)
 
