@@ -10,7 +10,8 @@ Text cleanup, and where it differs from the references (no ftfy, no `regex` modu
 - HTML-unescape twice, NFC-normalise, fold whitespace runs to one space, strip, lower-case, as the original does after
   `ftfy.fix_text`. We do not run ftfy, whose other fixes (mojibake, curly quotes, ligatures, full-width forms,
   terminal escapes) are therefore not applied; ftfy's own NFC is. transformers' CLIPTokenizer (v5) does not unescape
-  HTML either, so `&amp;` gives `&` here and `&amp;` there.
+  HTML either, so `&amp;` gives `&` here and `&amp;` there. Python's `str.lower` gives a final sigma (ΣΑΣ -> σας)
+  and Python's `\s` folds U+001C..U+001F, as the original does; transformers lower-cases per character and keeps them.
 - The word pattern `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+` is run
   by a small scanner over `unicodedata` categories (letters L*, numbers N*), since stdlib `re` has no \\p{..}. Only
   characters whose category changed between Unicode versions can split differently from the `regex` module.
@@ -20,7 +21,8 @@ Text cleanup, and where it differs from the references (no ftfy, no `regex` modu
 - Truncation keeps bos, the first 75 tokens and eos (transformers and `open_clip.tokenize` agree on this).
 - Padding per model: SD1.5 and SDXL's first encoder pad with eos (49407); SD2 and SDXL's second encoder were
   trained with `open_clip.tokenize`, which pads with 0 (`!`; their diffusers `tokenizer/` says `pad_token: "!"`).
-  The UNet attends to all 77 positions, so the pad id changes the result (PAD_TOKENS, §10).
+  The UNet attends to all 77 positions, so the pad id changes the result (PAD_TOKENS, §10). transformers makes a
+  "!" pad token special, so a "!" typed in an SD2 prompt becomes id 0 there; here it is text, as in open_clip.
 Left out: decoding, attention masks, prompt weighting and >77-token chunking.
 """
 
