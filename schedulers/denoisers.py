@@ -1,0 +1,98 @@
+"""Denoisers: wrap a network F(x_in, t, **cond) as D(x, sigma, **cond) -> x0_hat (STYLE.md §5).
+
+D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), the preconditioning of Karras et al. 2022
+("Elucidating the Design Space", Sec. 5 and Table 1), with x = x0 + sigma eps. The coefficients per backbone are the
+table in ../shared/reference/checkpoints.md §8:
+
+    model                      c_skip          c_out                c_in               c_noise
+    SD1.5 / SDXL (epsilon)     1               -sigma               1/sqrt(sigma^2+1)  t (DDPM index)
+    SD2-768 (v-prediction)     1/(sigma^2+1)   -sigma/sqrt(s^2+1)   1/sqrt(sigma^2+1)  t
+    SVD (EDM v, sigma_data 1)  1/(sigma^2+1)   -sigma/sqrt(s^2+1)   1/sqrt(sigma^2+1)  0.25 ln sigma
+
+c_in x is exactly the DDPM sample sqrt(abar) x0 + sqrt(1-abar) eps, so the wrapped UNet sees what it was trained on.
+Matches crowsonkb/k-diffusion k_diffusion/external.py (DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser) and the
+x0 formulas of huggingface/diffusers@v0.42.1:src/diffusers/schedulers/scheduling_euler_discrete.py (step) and SGM's
+VScalingWithEDMcNoise (Stability-AI/generative-models sgm/modules/diffusionmodules/denoiser_scaling.py).
+
+Left out: "sample" (x0) prediction, learned-variance outputs, and SGM's EDM scaling with sigma_data != 1.
+"""
+
+import torch
+
+from schedulers.sigmas import t_from_sigma
+
+
+def _per_sample(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """sigma as a (B,) float64 tensor, from a scalar or a (B,) tensor."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
+    assert sigma.numel() in (1, x.shape[0]), f"sigma has {sigma.numel()} entries for a batch of {x.shape[0]}"
+    return sigma.expand(x.shape[0])
+
+
+def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) coefficient -> (B, 1, ..., 1) in x's dtype, to broadcast over any layout (B, C, H, W) or (B, F, C, H, W)."""
+    return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class DiscreteDenoiser:
+    """A network trained on a 1000-step DDPM schedule, called at continuous sigma via t(sigma) (log-sigma interp)."""
+
+    def __init__(self, net, alphas_cumprod: torch.Tensor, *, quantize: bool = False, linear_t: bool = False):
+        self.net = net  # callable (x_in, t, **cond) -> epsilon or v
+        abar = alphas_cumprod.double()
+        self.sigma_table = ((1 - abar) / abar).sqrt()  # ascending in t, float64 so that t(sigma_i) == i exactly
+        # quantize: round t to the nearest training step, as diffusers' DPM-Solver/UniPC do for Karras sigmas
+        # (and as SGM's DiscreteDenoiser, which snaps to the nearest of the 1000 sigmas, nearly does)
+        self.quantize = quantize
+        # linear_t: invert sigma(t) by interpolating in sigma, not log sigma. diffusers' Euler/Heun build fractional
+        # "linspace" sigmas that way and feed the raw t; the two inverses differ by < 0.003 steps at SD's schedule
+        self.linear_t = linear_t
+
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in) for (B,) sigma."""
+        raise NotImplementedError
+
+    def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's time input: the fractional DDPM index t(sigma). (B,) float64 -> (B,) float32"""
+        t = t_from_sigma(sigma, self.sigma_table.to(sigma.device), log=not self.linear_t)
+        return (t.round() if self.quantize else t).float()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
+        """x: (B, ...) noisy sample at noise level sigma (scalar or (B,)) -> x0_hat, same shape."""
+        sigma = _per_sample(sigma, x)  # (B,)
+        c_skip, c_out, c_in = (_bcast(c, x) for c in self.scalings(sigma))
+        out = self.net(x * c_in, self.c_noise(sigma), **cond)  # epsilon or v, (B, ...)
+        return c_skip * x + c_out * out
+
+
+class EpsDenoiser(DiscreteDenoiser):
+    """Epsilon prediction (SD1.5, SD2-base, SDXL): x0_hat = x - sigma * eps_hat."""
+
+    def scalings(self, sigma):
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        return torch.ones_like(sigma), -sigma, c_in
+
+
+class VDenoiser(DiscreteDenoiser):
+    """Discrete v-prediction (SD2-768): x0_hat = abar^1/2 x_t - (1-abar)^1/2 v, rewritten with sigma (Salimans & Ho 2022)."""
+
+    def scalings(self, sigma):
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        return 1 / (sigma**2 + 1), -sigma * c_in, c_in
+
+
+class EDMVDenoiser:
+    """SVD: EDM preconditioning with v-targets and sigma_data = 1 (SGM VScalingWithEDMcNoise), continuous sigma."""
+
+    def __init__(self, net):
+        self.net = net  # callable (x_in, c_noise, **cond) -> v
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
+        """x: (B, ...) noisy sample (SVD: (B, F, C, H, W)) at sigma (scalar or (B,)) -> x0_hat, same shape."""
+        sigma = _per_sample(sigma, x)  # (B,)
+        # EDM Table 1 with sigma_data = 1: c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1) (sign: v, not F), c_in, c_noise
+        c_skip = _bcast(1 / (sigma**2 + 1), x)
+        c_out = _bcast(-sigma / (sigma**2 + 1).sqrt(), x)
+        c_in = _bcast(1 / (sigma**2 + 1).sqrt(), x)
+        c_noise = (0.25 * sigma.log()).float()  # EDM's c_noise = ln(sigma)/4, fed to the sinusoid as a float
+        return c_skip * x + c_out * self.net(x * c_in, c_noise, **cond)
