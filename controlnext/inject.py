@@ -79,6 +79,7 @@ def inject(h: Tensor, controls: Sequence[Tensor], scales: Sequence[float | Tenso
     k_i is a float, a 0-d tensor, or (N, 1, 1, 1) per sample (e.g. 0 on the CFG uncond half).
     """
     assert len(controls) == len(scales), f"one scale per control: {len(controls)} vs {len(scales)}"
+    out = h  # every control is normalised against the same, uncontrolled h
     for c, k in zip(controls, scales):
         if isinstance(k, float) and k == 0.0:
             continue  # outside the window, or switched off: exactly the uncontrolled UNet
@@ -87,8 +88,8 @@ def inject(h: Tensor, controls: Sequence[Tensor], scales: Sequence[float | Tenso
                                 paper_form=injection.paper_form)  # (N, C, h, w)
         else:
             c = F.adaptive_avg_pool2d(c.to(h.dtype), h.shape[-2:])  # (N, C, h, w)
-        h = h + k * c
-    return h
+        out = out + k * c
+    return out
 
 
 def control_hook(controls: Sequence[Tensor], scales: Sequence[float | Tensor], injection: Injection) -> ControlHook:
