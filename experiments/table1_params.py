@@ -6,12 +6,11 @@ Expected: every reconciled row within 0.5M of the paper (../shared/reference/con
 G1-SD15 + all `to_out`; SDXL 2573/108 from a G1-size branch + attn2 `to_out`; SVD 1530/55 from G1-SVD + all
 `to_out`; ControlNet 1220/361 and 3818/1251. The SVD ControlNet figure (2206/682) is not reconciled: ours copies
 the SVD encoder half (conv_in, time/add embeddings, down blocks, mid) and adds ControlNet's hint encoder and zero
-convs; the printed row says what that gives. SVD rows appear once unet/svd_unet.py exists.
+convs, and lands on 2206.6 / 682.0, i.e. the paper's figure truncated like its other rows.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from controlnext.control_branch import G1_SD15, G1_SVD, G2, ControlNeXt  # noqa:
 from controlnext.controlnet import ENCODER_PREFIXES, ControlNet, ControlNetConfig, HintEncoder  # noqa: E402
 from controlnext.selection import count_selected  # noqa: E402
 from unet.sd_unet import SD15, SDXL, UNet  # noqa: E402
+from unet.svd_unet import SVD_XT, SVDUNet  # noqa: E402
 
 M = 1e6
 # (model, method) -> paper's (total, learnable) in millions; None where the paper gives no learnable figure.
@@ -60,18 +60,15 @@ def table1() -> list[tuple[str, str, str, float, float, tuple[int, int | None] |
                      (name, "ControlNet", "UNet + ControlNet (all learnable)", base + cn, cn, PAPER[name, "ControlNet"]),
                      (name, "ControlNeXt", f"G1-SD15 + {selection}", base + g1, g1 + sel, PAPER[name, "ControlNeXt"]),
                      (name, "ControlNeXt", f"G2 + {selection} (released code)", base + g2, g2 + sel, None)]
-        if importlib.util.find_spec("unet.svd_unet") is not None:
-            from unet.svd_unet import SVD_XT, SVDUNet
-
-            unet = SVDUNet(SVD_XT)
-            base, sel, cn = count(unet), count_selected(unet, "to_out"), svd_controlnet_count(unet)
-            rows += [("SVD", "base", "UNet", base, base, PAPER["SVD", "base"]),
-                     ("SVD", "ControlNet", "UNet + encoder copy + hint + zero convs", base + cn, cn,
-                      PAPER["SVD", "ControlNet"]),
-                     ("SVD", "ControlNeXt-S", "G1-SVD + to_out", base + g1_svd, g1_svd + sel,
-                      PAPER["SVD", "ControlNeXt-S"]),
-                     ("SVD", "ControlNeXt-F", "G1-SVD + all", base + g1_svd, base + g1_svd, PAPER["SVD", "ControlNeXt-F"]),
-                     ("SVD", "ControlNeXt-F", "G2 + all (v2 released code)", base + g2, base + g2, None)]
+        unet = SVDUNet(SVD_XT)
+        base, sel, cn = count(unet), count_selected(unet, "to_out"), svd_controlnet_count(unet)
+        rows += [("SVD", "base", "UNet", base, base, PAPER["SVD", "base"]),
+                 ("SVD", "ControlNet", "UNet + encoder copy + hint + zero convs", base + cn, cn,
+                  PAPER["SVD", "ControlNet"]),
+                 ("SVD", "ControlNeXt-S", "G1-SVD + to_out", base + g1_svd, g1_svd + sel,
+                  PAPER["SVD", "ControlNeXt-S"]),
+                 ("SVD", "ControlNeXt-F", "G1-SVD + all", base + g1_svd, base + g1_svd, PAPER["SVD", "ControlNeXt-F"]),
+                 ("SVD", "ControlNeXt-F", "G2 + all (v2 released code)", base + g2, base + g2, None)]
     return [(m, meth, how, total / M, learn / M, paper) for m, meth, how, total, learn, paper in rows]
 
 
@@ -81,8 +78,6 @@ def main() -> None:
         ours = f"{total:9.2f} / {learnable:8.2f}"
         ref = "" if paper is None else f"{paper[0]} / {paper[1] if paper[1] is not None else '-'}"
         print(f"{model:6} {method:14} {ours:>25} {ref:>12}  {how}")
-    if importlib.util.find_spec("unet.svd_unet") is None:
-        print("SVD rows: unet/svd_unet.py is not in this tree yet")
 
 
 if __name__ == "__main__":

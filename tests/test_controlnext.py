@@ -324,3 +324,27 @@ def test_table1_within_half_a_million():
             assert abs(learnable - paper[1]) < 0.5 or math.floor(learnable) == paper[1], (model, method, learnable, paper)
         checked += 1
     assert checked >= 6
+
+
+def test_svd_injection_presets_on_the_video_unet():
+    from dataclasses import replace
+
+    from controlnext.control_branch import ControlNeXtConfig
+    from unet.svd_unet import TINY as SVD_TINY, SVDUNet
+
+    unet = SVDUNet(SVD_TINY).eval()
+    frames = SVD_TINY.num_frames
+    x, context = torch.randn(1, frames, 8, 8, 8), torch.randn(1, 1, SVD_TINY.context_dim)
+    ids, video = torch.tensor([[6.0, 127.0, 0.02]]), torch.rand(1, frames, 3, 64, 64)
+    g1_svd_tiny = replace(BRANCH_TINY, stem_padding=(1, 0, 0), stem_maxpool=True, res_channels=(16, 32, 32),
+                          res_groups=(4, 8, 8), out_channels=SVD_TINY.channels[-1], learnable_scale=True)
+    assert isinstance(g1_svd_tiny, ControlNeXtConfig) and g1_svd_tiny.stride == 32
+    with torch.no_grad():
+        ref = unet(x, 1.0, context, ids, num_frames=frames)
+        for preset, branch in ((inj.SVD_V2, BRANCH_TINY), (inj.SVD_V1, g1_svd_tiny)):
+            assert torch.equal(build_controlled_unet("zero_conv", unet, branch, preset)(x, 1.0, context, video, ids), ref)
+            model = build_controlled_unet("cross_norm", unet, branch, preset)
+            assert (model(x, 1.0, context, video, ids) - ref).abs().max() > 1e-4
+            # A per-video scale of 0 (the CFG uncond half in the SVD pipelines) is exactly the base UNet.
+            off = model(x, 1.0, context, video, ids, scale=torch.zeros(1, 1, 1, 1))
+            assert torch.equal(off, ref)
