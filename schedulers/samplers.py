@@ -30,11 +30,14 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
 Noise = torch.Tensor | Sequence[torch.Tensor] | None
 
 
-def _check(x: torch.Tensor, sigmas: torch.Tensor) -> None:
+def _levels(sigmas: torch.Tensor) -> list[float]:
+    """Validate the n+1 noise levels and return them as Python floats (float64): the per-step scalar arithmetic
+    then launches no tensor kernels, and the denoiser sees sigma to full precision."""
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 entries (n steps need n+1), got {tuple(sigmas.shape)}")
     if bool((sigmas[1:] > sigmas[:-1]).any()):
         raise ValueError("sigmas must be non-increasing")
+    return sigmas.tolist()
 
 
 def _draw(i: int, x: torch.Tensor, noise: Noise, generator: torch.Generator | None) -> torch.Tensor:
@@ -61,9 +64,9 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, c
                  ) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022 Alg. 1, first
     order only; Alg. 2 with S_churn = 0). Equals diffusers' EulerDiscreteScheduler; SVD samples with it (25 Karras steps)."""
-    _check(x, sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    s = _levels(sigmas)
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         d = (x - x0_hat) / sigma  # ODE slope = eps_hat (Alg. 1 line 4)
         x = x + d * (sigma_next - sigma)  # Alg. 1 line 5
@@ -78,11 +81,11 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
                            ) -> torch.Tensor:
     """Ancestral Euler (k-diffusion sample_euler_ancestral): an Euler step down to sigma_down, then fresh noise
     sigma_up, so each step samples p(x_{sigma_next} | x0_hat). Equals diffusers' EulerAncestralDiscreteScheduler at eta=1."""
-    _check(x, sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    s = _levels(sigmas)
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
-        sigma_down, sigma_up = _ancestral_split(sigma.item(), sigma_next.item(), eta)
+        sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
         d = (x - x0_hat) / sigma
         x = x + d * (sigma_down - sigma)  # deterministic part: Euler to sigma_down
         x = x + _draw(i, x, noise, generator) * sigma_up  # stochastic part; drawn on the last step too (sigma_up = 0)
@@ -97,13 +100,13 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ca
     """DDIM (Song et al. 2021, Eq. 12) in VE form: x_next = x0_hat + sigma_down eps_hat + sigma_up z, where
     sigma_t of Eq. 16 (eta-scaled) becomes sigma_up. eta = 0 is deterministic DDIM; eta = 1 is DDPM-like.
     Equals diffusers' DDIMScheduler with sigmas from sigmas.ddim_sigmas (x here = x_t * sqrt(sigma^2 + 1))."""
-    _check(x, sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    s = _levels(sigmas)
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         eps_hat = (x - x0_hat) / sigma  # Eq. 12 "predicted epsilon"
         # Eq. 16 variance: sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 in VE units
-        sigma_down, sigma_up = _ancestral_split(sigma.item(), sigma_next.item(), eta)
+        sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
         x = x0_hat + sigma_down * eps_hat  # Eq. 12: "predicted x0" + "direction pointing to x_t"
         if eta > 0:
             x = x + sigma_up * _draw(i, x, noise, generator)  # Eq. 12: random noise, drawn every step as diffusers
@@ -119,9 +122,9 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ca
                 ) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022 Alg. 1): Euler predictor, trapezoidal corrector, plain Euler on
     the last step to sigma = 0. Equals diffusers' HeunDiscreteScheduler (2n - 1 model calls for n steps)."""
-    _check(x, sigmas)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    s = _levels(sigmas)
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         d = (x - x0_hat) / sigma  # Alg. 1 line 4
         x_euler = x + d * (sigma_next - sigma)  # line 5
@@ -141,15 +144,15 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2; midpoint form), multistep in lambda = -ln sigma.
     First step and the step to sigma = 0 are first order. Equals diffusers' DPMSolverMultistepScheduler
     (dpmsolver++, order 2, midpoint); use sigmas.karras_sigmas for "DPM++ 2M Karras"."""
-    _check(x, sigmas)
+    s = _levels(sigmas)
     x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         if sigma_next == 0:
             x = x0_hat  # lambda_next = inf: the exponential integrator lands on the data prediction
         else:
-            h = math.log(sigma.item() / sigma_next.item())  # h = lambda_next - lambda
+            h = math.log(sigma / sigma_next)  # h = lambda_next - lambda
             x0_eff = x0_hat
             if x0_prev is not None:
                 # Alg. 2: D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i (linear extrapolation in lambda)
@@ -171,16 +174,16 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++" Sec. 5 / Appendix, midpoint form): the data-prediction
     SDE solved exactly in its linear part with fresh noise each step. eta = 1 is diffusers' "sde-dpmsolver++"
     (k-diffusion sample_dpmpp_2m_sde with per-step Gaussian noise instead of a Brownian tree)."""
-    _check(x, sigmas)
+    s = _levels(sigmas)
     x0_prev, h_prev = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         z = _draw(i, x, noise, generator)  # drawn on the last step too, as diffusers does
         if sigma_next == 0:
             x = x0_hat
         else:
-            h = math.log(sigma.item() / sigma_next.item())
+            h = math.log(sigma / sigma_next)
             eta_h = eta * h
             # linear part: x_next = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) x0_hat
             x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * x0_hat
@@ -204,20 +207,20 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, c
     UniC, with the corrector reusing the next step's model call). The official ControlNeXt default (20 steps).
     First and last predictor steps are first order (warm-up, lower_order_final). Equals diffusers'
     UniPCMultistepScheduler (solver_order=2, bh2, predict_x0, no disabled correctors)."""
-    _check(x, sigmas)
-    n = len(sigmas) - 1
-    lam = [-math.log(s) if s > 0 else math.inf for s in sigmas.tolist()]  # lambda = -ln sigma (= log SNR / 2)
+    s = _levels(sigmas)
+    n = len(s) - 1
+    lam = [-math.log(v) if v > 0 else math.inf for v in s]  # lambda = -ln sigma (= log SNR / 2)
     x_last = x0_last = x0_last2 = None  # corrected x and x0_hat at step i-1, x0_hat at step i-2
     order_last = 0
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         if i > 0:
             # UniC (Alg. 1): redo step i-1 -> i with the model output at i as an extra interpolation point
             h = lam[i] - lam[i - 1]
             phi1 = math.expm1(-h)  # h phi_1(h) with hh = -h, data prediction
             B = phi1  # bh2: B(h) = e^{hh} - 1
-            x = (sigma / sigmas[i - 1]) * x_last - phi1 * x0_last  # the first-order (DDIM) part
+            x = (sigma / s[i - 1]) * x_last - phi1 * x0_last  # the first-order (DDIM) part
             D1_t = x0_hat - x0_last
             if order_last == 1:
                 x = x - B * 0.5 * D1_t  # rho = 1/2 for UniC-1 (paper Sec. 3.1)

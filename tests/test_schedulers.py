@@ -221,6 +221,17 @@ def test_v_denoiser_matches_diffusers_sd21():
         assert (denoiser(x, sigma.double()) - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("make", [lambda: EpsDenoiser(eps_net, ABAR), lambda: EpsDenoiser(eps_net, ABAR, quantize=True),
+                                  lambda: VDenoiser(v_net, ABAR, linear_t=True), lambda: EDMVDenoiser(v_net)])
+def test_per_sample_sigma_equals_scalar_path(make):
+    """A (B,) sigma tensor (tensor interpolation) gives what one float per sample gives (bisect fast path)."""
+    denoiser, x = make(), _z(3) * 5
+    sigma = torch.tensor([7.31, 0.0517], dtype=torch.float64)
+    per_sample = denoiser(x, sigma)
+    one_by_one = torch.cat([denoiser(x[i : i + 1], sigma[i].item()) for i in range(2)])
+    assert torch.allclose(per_sample, one_by_one, rtol=0, atol=1e-6)
+
+
 # --- (2) training noise and preconditioning equal diffusers' ----------------------------------------------------
 
 def test_add_noise_and_velocity_match_ddpm():
