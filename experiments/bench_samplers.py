@@ -5,25 +5,20 @@ scheduler objects? The model is trivial (eps = 0.1 x) so that only the sampler a
 timed, on a 1x4x64x64 latent. Each repeat times ours and diffusers back to back (order alternating), schedule
 construction included; we report the median time of each and the median of the per-repeat ratios ours / diffusers.
 
-Command:   python experiments/bench_samplers.py [--steps 50] [--repeats 21] [--threads 1]
+Command:   pip install -e . && python experiments/bench_samplers.py [--steps 50] [--repeats 21] [--threads 1]
 Expected:  ratio <= ~1 for every sampler (ours does no more tensor work per step than diffusers).
 """
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       UniPCMultistepScheduler)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
-                       HeunDiscreteScheduler, UniPCMultistepScheduler)
-
-from schedulers import samplers, sigmas as S  # noqa: E402
-from schedulers.denoisers import EpsDenoiser  # noqa: E402
+from schedulers import samplers, sigmas as S
+from schedulers.denoisers import EpsDenoiser
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=50)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from schedulers.sigmas import t_from_sigma
+from schedulers.sigmas import ScheduleConfig, make_alphas_cumprod, t_from_sigma
 
 
 def _bcast(c: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
@@ -118,3 +118,21 @@ class EDMVDenoiser:
         log_sigma = math.log(s) if s is not None else sigma.log()
         c_noise = torch.as_tensor(0.25 * log_sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         return c_skip * x + c_out * self.net(x * c_in, c_noise, **cond)
+
+
+def make_denoiser(cfg: ScheduleConfig, net) -> DiscreteDenoiser | EDMVDenoiser:
+    """The denoiser a schedule preset implies: EDM-v for continuous c_noise (SVD), else discrete eps or v.
+
+    Karras sigmas on a discrete model round t, as diffusers' DPM-Solver/UniPC do (its Euler does not: pass
+    EpsDenoiser(..., quantize=False) to match that one).
+    """
+    if cfg.continuous_c_noise:
+        if cfg.prediction_type != "v_prediction":
+            raise ValueError(f"continuous c_noise is implemented for v_prediction only, got {cfg.prediction_type!r}")
+        return EDMVDenoiser(net)
+    alphas_cumprod = make_alphas_cumprod(cfg)
+    if cfg.prediction_type == "epsilon":
+        return EpsDenoiser(net, alphas_cumprod, quantize=cfg.use_karras_sigmas)
+    if cfg.prediction_type == "v_prediction":
+        return VDenoiser(net, alphas_cumprod, quantize=cfg.use_karras_sigmas)
+    raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}")

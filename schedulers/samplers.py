@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]  # D(x, sigma) -> x0_hat
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
 Noise = torch.Tensor | Sequence[torch.Tensor] | None
 

@@ -36,7 +36,9 @@ class ScheduleConfig:
     continuous_c_noise: bool = False  # network time input 0.25 ln(sigma) instead of t (SVD, EDM Table 1)
 
 
-# One line per preset (checkpoints.md §7.5 scheduler configs).
+# One line per preset (checkpoints.md §7.5 scheduler configs). SD1.5's shipped JSON has no timestep_spacing: DDIM and
+# PNDM fill in "leading" (kept here), but diffusers' Euler/Heun/DPM-Solver/UniPC fill in their own default "linspace",
+# so the official ControlNeXt SD1.5 pipeline (UniPC.from_config) samples on linspace: replace(SD15, timestep_spacing=...)
 SD15 = ScheduleConfig()
 SD21_V = ScheduleConfig(prediction_type="v_prediction")
 SDXL = ScheduleConfig()

@@ -17,7 +17,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_zero_snr
 
 from schedulers import guidance, samplers, sigmas as S, training
-from schedulers.denoisers import EDMVDenoiser, EpsDenoiser, VDenoiser
+from schedulers.denoisers import EDMVDenoiser, EpsDenoiser, VDenoiser, make_denoiser
 
 # The scheduler_config.json files as shipped (checkpoints.md §7.5). SD1.5's has no timestep_spacing, so each diffusers
 # class fills in its own default: "leading" for DDIM, "linspace" for Euler/Heun/DPM-Solver/UniPC.
@@ -425,6 +425,13 @@ def test_sigma_t_roundtrip():
     assert torch.allclose(S.t_from_sigma(S.sigma_at(frac, table), table, log=False), frac, atol=1e-9)
     # outside the table: clamped to the ends, as diffusers' _sigma_to_t
     assert S.t_from_sigma(torch.tensor([1e-5, 1e5]), table).tolist() == [0.0, 999.0]
+
+
+def test_make_denoiser_follows_presets():
+    assert isinstance(make_denoiser(S.SVD, v_net), EDMVDenoiser)
+    assert type(make_denoiser(S.SD21_V, v_net)) is VDenoiser and type(make_denoiser(S.SD15, eps_net)) is EpsDenoiser
+    with pytest.raises(ValueError):
+        make_denoiser(dataclasses.replace(S.SD15, prediction_type="sample"), eps_net)
 
 
 def test_bad_input_raises():
