@@ -64,7 +64,8 @@ class TrainConfig:
     beta_schedule: str = "linear"      # "linear" | "scaled_linear" (SD1.5) | "squaredcos_cap_v2"
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    prediction_type: str = "epsilon"   # network output: "epsilon" | "v_prediction"
+    prediction_type: str = "sample"    # network output: "epsilon" (SD1.5) | "v_prediction" | "sample" (x0: the toy,
+                                       # whose 32-wide conv_in cannot pass 192 noise channels through; pipeline.py)
     timestep_spacing: str = "trailing"  # sampling: start at t = T-1 (Lin et al. 2023 Table 2)
     # data
     dataset: str = "fill50k"           # "fill50k" (procedural) or a folder with prompt.json / metadata.jsonl

@@ -181,7 +181,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     scale = size / min(w, h)
     im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
     left, top = (im.width - size) // 2, (im.height - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    return np.array(im.crop((left, top, left + size, top + size)))  # a writable copy
 
 
 class FolderDataset(Dataset):
