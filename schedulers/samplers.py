@@ -68,8 +68,9 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, c
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
-        d = (x - x0_hat) / sigma  # ODE slope = eps_hat (Alg. 1 line 4)
-        x = x + d * (sigma_next - sigma)  # Alg. 1 line 5
+        # Alg. 1 lines 4-5: d = (x - x0_hat) / sigma, x <- x + d (sigma_next - sigma), which is
+        # x0_hat + (sigma_next / sigma)(x - x0_hat): one lerp kernel instead of four elementwise passes
+        x = torch.lerp(x0_hat, x, sigma_next / sigma)
         if callback is not None:
             callback(i, x, x0_hat)
     return x
@@ -86,8 +87,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
         sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
         sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
-        d = (x - x0_hat) / sigma
-        x = x + d * (sigma_down - sigma)  # deterministic part: Euler to sigma_down
+        x = torch.lerp(x0_hat, x, sigma_down / sigma)  # deterministic part: Euler to sigma_down (as sample_euler)
         x = x + _draw(i, x, noise, generator) * sigma_up  # stochastic part; drawn on the last step too (sigma_up = 0)
         if callback is not None:
             callback(i, x, x0_hat)
@@ -104,10 +104,11 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ca
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
         x0_hat = denoiser(x, sigma)
-        eps_hat = (x - x0_hat) / sigma  # Eq. 12 "predicted epsilon"
         # Eq. 16 variance: sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 in VE units
         sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
-        x = x0_hat + sigma_down * eps_hat  # Eq. 12: "predicted x0" + "direction pointing to x_t"
+        # Eq. 12: "predicted x0" + "direction pointing to x_t" = x0_hat + sigma_down eps_hat with
+        # eps_hat = (x - x0_hat) / sigma ("predicted epsilon"); as one lerp kernel
+        x = torch.lerp(x0_hat, x, sigma_down / sigma)
         if eta > 0:
             x = x + sigma_up * _draw(i, x, noise, generator)  # Eq. 12: random noise, drawn every step as diffusers
         if callback is not None:
