@@ -125,3 +125,13 @@ def test_dry_run_and_unknown_flag():
     assert json.loads(out)["lr"] == 2e-5 and json.loads(out)["branch"] == "g2"
     bad = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown option --bogus" in bad.stderr
+
+
+def test_sample_py_from_a_checkpoint(base, tmp_path):
+    import sample
+    run = Path(train.main(smoke(base, tmp_path, max_steps=1))["run"])
+    out = tmp_path / "grid.png"
+    sample.main(sample.SampleConfig(checkpoint=str(run / "checkpoints" / "step_000001_ema.safetensors"),
+                                    fill_index=2, batch=2, sampling_steps=2, sampler="euler_ancestral", out=str(out)))
+    assert out.is_file()
+    sample.main(sample.SampleConfig(base_weights=base, fill_index=2, batch=1, sampling_steps=2, out=str(out)))
