@@ -687,3 +687,127 @@ def save_vae(model: nn.Module, path: str | Path, layout: str = "diffusers") -> N
         save_state({ORIGINAL_VAE_PREFIX + k: v for k, v in renamed.items()}, path)
     else:
         raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- SVD UNet (issue 8): load_svd_unet / save_svd_unet, diffusers config.json <-> SVDUNetConfig; rows in unet/keymap.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+SVD_DOWN_TYPES = {True: "CrossAttnDownBlockSpatioTemporal", False: "DownBlockSpatioTemporal"}
+SVD_UP_TYPES = {True: "CrossAttnUpBlockSpatioTemporal", False: "UpBlockSpatioTemporal"}
+
+
+def svd_unet_config_from_diffusers(d: Mapping) -> "SVDUNetConfig":
+    """SVDUNetConfig from the fields of a diffusers UNetSpatioTemporalConditionModel config.json (§7.2)."""
+    from unet.svd_unet import SVDUNetConfig
+
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
+    for field in ("layers_per_block", "cross_attention_dim"):
+        if isinstance(d.get(field), (list, tuple)):
+            raise ValueError(f"SVD UNet config.json: per-level {field}={d[field]!r} is not supported")
+    down = d.get("down_block_types", [SVD_DOWN_TYPES[a] for a in (True, True, True, False)])
+    if any(t not in SVD_DOWN_TYPES.values() for t in down):
+        raise ValueError(f"SVD UNet config.json: unsupported down_block_types {down}")
+    attention = tuple(t == SVD_DOWN_TYPES[True] for t in down)
+    up = d.get("up_block_types", [SVD_UP_TYPES[a] for a in reversed(attention)])
+    if list(up) != [SVD_UP_TYPES[a] for a in reversed(attention)]:
+        raise ValueError(f"SVD UNet config.json: up_block_types {up} do not mirror down_block_types {down}")
+    id_dim = d.get("addition_time_embed_dim", 256)
+    adm = d.get("projection_class_embeddings_input_dim", 768)
+    if adm % id_dim:
+        raise ValueError(f"SVD UNet config.json: projection_class_embeddings_input_dim {adm} is not a multiple of "
+                         f"addition_time_embed_dim {id_dim}")
+    return SVDUNetConfig(
+        in_channels=d.get("in_channels", 8), out_channels=d.get("out_channels", 4), channels=channels,
+        layers_per_block=d.get("layers_per_block", 2), attention=attention,
+        transformer_depth=per_level(d.get("transformer_layers_per_block", 1)),
+        heads=per_level(d.get("num_attention_heads", (5, 10, 20, 20))), context_dim=d.get("cross_attention_dim", 1024),
+        added_ids=adm // id_dim, added_id_dim=id_dim, num_frames=d.get("num_frames", 25))
+
+
+def svd_unet_config_to_diffusers(cfg: "SVDUNetConfig") -> dict:
+    """The diffusers config.json fields describing `cfg` (export, and the reference model in tests).
+
+    diffusers has no fields for groups, resnet eps, temporal kernel or merge factor: they must be SVD's."""
+    return {"_class_name": "UNetSpatioTemporalConditionModel", "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "block_out_channels": list(cfg.channels),
+            "layers_per_block": cfg.layers_per_block,
+            "down_block_types": [SVD_DOWN_TYPES[a] for a in cfg.attention],
+            "up_block_types": [SVD_UP_TYPES[a] for a in reversed(cfg.attention)],
+            "num_attention_heads": list(cfg.heads), "transformer_layers_per_block": list(cfg.transformer_depth),
+            "cross_attention_dim": cfg.context_dim, "addition_time_embed_dim": cfg.added_id_dim,
+            "projection_class_embeddings_input_dim": cfg.added_ids * cfg.added_id_dim, "num_frames": cfg.num_frames}
+
+
+def svd_unet_original_rows(cfg: "SVDUNetConfig") -> list[Row]:
+    from unet.keymap import SVD_ORIGINAL_ROWS
+
+    structure = (len(cfg.channels), cfg.attention, cfg.layers_per_block)
+    if structure not in SVD_ORIGINAL_ROWS:
+        raise ValueError(f"no original-layout key table for an SVD UNet with (levels, attention, layers) = {structure}")
+    return SVD_ORIGINAL_ROWS[structure]
+
+
+def _resolve_svd_unet_config(config, state: Mapping[str, Tensor], where: str) -> "SVDUNetConfig":
+    from unet.svd_unet import PRESETS, SVD_XT, SVDUNetConfig
+
+    if isinstance(config, SVDUNetConfig):
+        return config
+    if isinstance(config, Mapping):
+        return svd_unet_config_from_diffusers(config)
+    if config is None:
+        # svd, svd_xt and svd_xt_1_1 have the same keys and shapes (§1 detection): full-size weights get svd_xt,
+        # whose only difference from svd is the default frame count.
+        conv_in = state.get("conv_in.weight", state.get("input_blocks.0.0.weight"))
+        full = (SVD_XT.channels[0], SVD_XT.in_channels, 3, 3)
+        if conv_in is not None and tuple(conv_in.shape) == full:
+            return SVD_XT
+    if config not in PRESETS:
+        raise ValueError(f"{where}: cannot tell which SVD UNet this is (got config {config!r}); "
+                         f"pass config= one of {sorted(PRESETS)}, an SVDUNetConfig or a diffusers config dict")
+    return PRESETS[config]
+
+
+def load_svd_unet(source: str | Path | Mapping[str, Tensor], config=None, *,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Our SVDUNet with the weights of `source`: the original single file (svd*.safetensors, `model.diffusion_model.`),
+    a diffusers `unet/` folder or file, or a state dict in either layout. `config`: a preset name, an SVDUNetConfig
+    or diffusers config.json fields; by default the folder's config.json, else svd_xt for full-size weights.
+    Every key is accounted for; nothing is half-loaded."""
+    from unet.svd_unet import SVDUNet
+
+    where = source if not isinstance(source, Mapping) else "state dict"
+    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
+        config = json.loads((Path(source) / "config.json").read_text())
+    state = read_state(source)
+    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in state):
+        state = strip_prefix(state, ORIGINAL_UNET_PREFIX)  # VAE, CLIP and conditioner parts of a single file: not ours
+    if not any(k.startswith(("conv_in.", "input_blocks.0.0.")) for k in state):
+        raise ValueError(f"{where}: not a UNet checkpoint (no conv_in / input_blocks.0.0 weights; "
+                         f"first keys: {sorted(state)[:3]})")
+    if not any(".time_stack." in k or ".temporal_res_block." in k for k in state):
+        raise ValueError(f"{where}: an image UNet (no temporal layers); load it with load_unet")
+    cfg = _resolve_svd_unet_config(config, state, str(where))
+    rows = svd_unet_original_rows(cfg) if any(k.startswith("input_blocks.") for k in state) else []
+    renamed, origin = KeyMap(rows).apply(state)
+    with torch.device("meta"):
+        model = SVDUNet(cfg)
+    load_into(model.to(dtype), renamed, origin, what=f"SVD UNet from {where}")
+    return model
+
+
+def save_svd_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
+    """Write an SVDUNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
+    "original" -> one .safetensors with `model.diffusion_model.` keys (SGM VideoUNet names)."""
+    state = model.state_dict()
+    if layout == "diffusers":
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_state(state, folder / "diffusion_pytorch_model.safetensors")
+        (folder / "config.json").write_text(json.dumps(svd_unet_config_to_diffusers(model.config), indent=2))
+    elif layout == "original":
+        renamed, _ = KeyMap(svd_unet_original_rows(model.config)).inverse().apply(state)
+        save_state({ORIGINAL_UNET_PREFIX + k: v for k, v in renamed.items()}, path)
+    else:
+        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
