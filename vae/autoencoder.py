@@ -8,10 +8,12 @@ ldm/modules/distributions/distributions.py, with module names equal to diffusers
 (../shared/reference/checkpoints.md §4.1), so diffusers-layout weights load by identity.
 
 Tiled encode/decode (our addition, for memory): the full-resolution path (encoder down blocks, decoder up blocks) runs
-on overlapping tiles that are blended with linear ramps (weights sum to one, so there is no seam); the latent-resolution
-path (mid block with its global attention, conv in/out, quant convs) runs untiled, so it stays exact. What is not exact
-is GroupNorm inside the tiled path, whose statistics come from each tile instead of the whole image; the difference is
-measured in tests/test_vae.py. Left out: the GAN/LPIPS training loss, EMA, and fp16 casts (run the VAE in fp32, §12.12).
+on overlapping tiles blended with ramps that sum to one (continuous weights, so no seam); the latent-resolution path
+(mid block with its global attention, conv in/out, quant convs) runs untiled and stays exact. GroupNorm couples the
+whole image, so tiles that normalised themselves would drift in tone (diffusers' tiling does this). Instead the tiles
+are run `tile_passes` times: each run gathers blend-weighted whole-image GroupNorm statistics layer by layer and the
+next run normalises with them; after k runs the first k GroupNorms are exact. The remaining difference to the untiled
+path (tile borders, later GroupNorms) is measured in tests/test_vae.py. Left out: the GAN/LPIPS loss, EMA, fp16 casts.
 """
 
 from __future__ import annotations
@@ -28,14 +30,25 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that tiled encode/decode can point at whole-image statistics (`tiled_stats`, else None)."""
+
+    def __init__(self, groups: int, channels: int, eps: float):
+        super().__init__(groups, channels, eps=eps)
+        self.tiled_stats: TiledStats | None = None  # set only while `tiled` runs; not part of the state dict
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.tiled_stats is None else self.tiled_stats.normalize(self, x)
+
+
 class ResnetBlock2D(nn.Module):
     """GN -> SiLU -> conv3x3, twice, plus a 1x1 shortcut when the width changes. No time embedding in the VAE."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # LDM `nin_shortcut`: always 1x1 (checkpoints.md §12.6)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -51,7 +64,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = GroupNorm(groups, channels, eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -144,7 +157,7 @@ class Encoder(nn.Module):
             DownBlock(widths[max(i - 1, 0)], widths[i], layers, i < len(widths) - 1, groups, eps)
             for i in range(len(widths)))
         self.mid_block = MidBlock(widths[-1], attention, groups, eps)
-        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
+        self.conv_norm_out = GroupNorm(groups, widths[-1], eps)
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1)  # mean and log-variance
 
     def down(self, x: Tensor) -> Tensor:
@@ -174,7 +187,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(top[0], attention, groups, eps)
         self.up_blocks = nn.ModuleList(
             UpBlock(top[max(i - 1, 0)], top[i], layers + 1, i < len(top) - 1, groups, eps) for i in range(len(top)))
-        self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=eps)
+        self.conv_norm_out = GroupNorm(groups, widths[0], eps)
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     def stem(self, z: Tensor) -> Tensor:
@@ -220,46 +233,89 @@ class DiagonalGaussian:
 
 
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Start/end of tiles covering [0, length) with at least `overlap` shared; the last tile ends at `length`."""
+    """(start, end) of evenly spaced tiles covering [0, length), neighbours sharing at least `overlap`."""
     if tile >= length:
         return [(0, length)]
-    stride = tile - overlap
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)
-    return [(s, s + tile) for s in starts]
+    count = -(-(length - overlap) // (tile - overlap))  # ceil: tiles needed
+    return [(s, s + tile) for s in (round(k * (length - tile) / (count - 1)) for k in range(count))]
 
 
 def blend_ramp(spans: list[tuple[int, int]], k: int, scale: int) -> Tensor:
-    """Weights over tile k's `scale`-times-resolution output: linear ramps across overlaps with neighbours, else 1."""
+    """Weights over tile k at `scale` pixels per latent pixel: 1 inside, 0 in the outer quarter of each overlap with a
+    neighbour (its conv borders), linear across the middle half. Neighbouring ramps sum to one."""
     start, end = spans[k]
-    pos = (torch.arange((end - start) * scale) + 0.5) / scale  # pixel centres in tile units
+    pos = (torch.arange((end - start) * scale) + 0.5) / scale  # pixel centres in latent pixels from the tile start
     ramp = torch.ones_like(pos)
     if k > 0:  # rise across the overlap with the previous tile
-        ramp = ramp * (pos / (spans[k - 1][1] - start)).clamp(max=1.0)
+        shared = spans[k - 1][1] - start
+        ramp = ramp * ((pos - shared / 4) / (shared / 2)).clamp(0.0, 1.0)
     if k < len(spans) - 1:  # fall across the overlap with the next tile
-        ramp = ramp * ((end - start - pos) / (end - spans[k + 1][0])).clamp(max=1.0)
+        shared = end - spans[k + 1][0]
+        ramp = ramp * ((end - start - pos - shared / 4) / (shared / 2)).clamp(0.0, 1.0)
     return ramp
 
 
-def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, factor_in: int, factor_out: int) -> Tensor:
-    """fn over overlapping tiles of x, blended. Tile/overlap count latent pixels; a latent pixel is factor_in pixels of
-    x and factor_out pixels of fn's output. Each output pixel is a weighted mean of the tiles covering it; the weights
-    are continuous and positive, so there is no seam."""
+class TiledStats:
+    """Whole-image GroupNorm statistics built from tiles: every tile adds its blend-weighted sums, so the tiles'
+    shares add up to each pixel once. A run normalises with the statistics the previous run gathered (the first run,
+    having none, uses each tile's own)."""
+
+    def __init__(self):
+        self.tile: tuple[list, int, list, int] = ([(0, 1)], 0, [(0, 1)], 0)  # (row spans, row, column spans, column)
+        self.sums: dict[GroupNorm, Tensor] = {}  # this run: per norm, (3, B, G) weighted count, sum, sum of squares
+        self.stats: dict[GroupNorm, tuple[Tensor, Tensor]] = {}  # previous run: per norm, mean and var (B, G)
+
+    def normalize(self, norm: GroupNorm, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        ys, i, xs, j = self.tile
+        weight = blend_ramp(ys, i, H // (ys[i][1] - ys[i][0]))[:, None] * blend_ramp(xs, j, W // (xs[j][1] - xs[j][0]))
+        weight = weight.to(x.device, torch.float64).flatten()  # (H*W,) this tile's share at this resolution
+        groups = x.reshape(B, norm.num_groups, -1, H * W).double()  # (B, G, C/G, H*W); float64 sums, no cancellation
+        sums = torch.stack([weight.sum() * groups.shape[2] * torch.ones_like(groups[:, :, 0, 0]),
+                            (groups * weight).sum((2, 3)), (groups.square() * weight).sum((2, 3))])  # (3, B, G)
+        self.sums[norm] = self.sums[norm] + sums if norm in self.sums else sums
+        if norm not in self.stats:
+            return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)  # first run: the tile's own
+        mean, var = self.stats[norm]  # (B, G)
+        scale = torch.rsqrt(var + norm.eps)
+        out = (x.reshape(B, norm.num_groups, -1) - mean[..., None].to(x)) * scale[..., None].to(x)  # (B, G, C/G*H*W)
+        return out.reshape(B, C, H, W) * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+    def next_run(self) -> None:
+        """Turn this run's sums into the statistics the next run normalises with."""
+        self.stats = {norm: (s[1] / s[0], s[2] / s[0] - (s[1] / s[0]) ** 2) for norm, s in self.sums.items()}
+        self.sums = {}
+
+
+def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, norms: list[GroupNorm], tile: int, overlap: int, runs: int,
+          factor_in: int, factor_out: int) -> Tensor:
+    """fn over overlapping tiles of x, blended without seams, `runs` times so that `norms` (the GroupNorms inside fn)
+    use whole-image statistics. Tile and overlap count latent pixels: factor_in pixels of x, factor_out of fn(x)."""
     ys = tile_spans(x.shape[-2] // factor_in, tile, overlap)
     xs = tile_spans(x.shape[-1] // factor_in, tile, overlap)
-    out, total = None, None
-    for i, (y0, y1) in enumerate(ys):
-        for j, (x0, x1) in enumerate(xs):
-            piece = fn(x[..., y0 * factor_in:y1 * factor_in, x0 * factor_in:x1 * factor_in])  # (B, C', th, tw)
-            weight = blend_ramp(ys, i, factor_out)[:, None] * blend_ramp(xs, j, factor_out)[None, :]  # (th, tw)
-            weight = weight.to(piece)
-            if out is None:
-                out = piece.new_zeros(*piece.shape[:-2], ys[-1][1] * factor_out, xs[-1][1] * factor_out)
-                total = piece.new_zeros(out.shape[-2:])
-            rows, cols = slice(y0 * factor_out, y1 * factor_out), slice(x0 * factor_out, x1 * factor_out)
-            out[..., rows, cols] += piece * weight
-            total[rows, cols] += weight
+    stats = TiledStats()
+    for norm in norms:
+        norm.tiled_stats = stats
+    try:
+        for run in range(runs):
+            out, total = None, None
+            for i, (y0, y1) in enumerate(ys):
+                for j, (x0, x1) in enumerate(xs):
+                    stats.tile = (ys, i, xs, j)
+                    piece = fn(x[..., y0 * factor_in:y1 * factor_in, x0 * factor_in:x1 * factor_in])  # (B, C', th, tw)
+                    if run < runs - 1:
+                        continue  # a statistics run: the output is not needed
+                    weight = (blend_ramp(ys, i, factor_out)[:, None] * blend_ramp(xs, j, factor_out)).to(piece)
+                    if out is None:
+                        out = piece.new_zeros(*piece.shape[:-2], ys[-1][1] * factor_out, xs[-1][1] * factor_out)
+                        total = piece.new_zeros(out.shape[-2:])
+                    rows, cols = slice(y0 * factor_out, y1 * factor_out), slice(x0 * factor_out, x1 * factor_out)
+                    out[..., rows, cols] += piece * weight
+                    total[rows, cols] += weight
+            stats.next_run()
+    finally:  # leave the model as it was, also after an error
+        for norm in norms:
+            norm.tiled_stats = None
     return out / total
 
 
@@ -296,6 +352,7 @@ class VAEConfig:
     latent_scale: float = 0.18215  # z_unet = latent_scale * z (LDM scale_factor; SDXL 0.13025, §4.1)
     tile_size: int = 64  # tiled encode/decode: tile side in latent pixels (64 = 512 image pixels)
     tile_overlap: int = 16  # tiled encode/decode: overlap between neighbouring tiles, in latent pixels
+    tile_runs: int = 2  # tiled encode/decode: runs over the tiles; each after the first uses whole-image GN statistics
 
     @property
     def downscale(self) -> int:
@@ -327,7 +384,8 @@ class AutoencoderKL(nn.Module):
         c = self.config
         check_image(x, c.in_channels, c.downscale)
         if tiled_encode:  # tile the full-resolution path only; mid block (global attention) stays untiled
-            h = tiled(self.encoder.down, x, c.tile_size, c.tile_overlap, c.downscale, 1)  # (B, C_top, h, w)
+            norms = [m for m in self.encoder.down_blocks.modules() if isinstance(m, GroupNorm)]
+            h = tiled(self.encoder.down, x, norms, c.tile_size, c.tile_overlap, c.tile_runs, c.downscale, 1)
         else:
             h = self.encoder.down(x)  # (B, C_top, h, w)
         moments = self.encoder.head(h)  # (B, 2*Z, h, w)
@@ -343,7 +401,8 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         h = self.decoder.stem(z)  # (B, C_top, h, w): conv_in + mid block, untiled
         if tiled_decode:
-            return tiled(self.decoder.up, h, c.tile_size, c.tile_overlap, 1, c.downscale)  # (B, C, H, W)
+            norms = [m for m in (*self.decoder.up_blocks.modules(), self.decoder.conv_norm_out) if isinstance(m, GroupNorm)]
+            return tiled(self.decoder.up, h, norms, c.tile_size, c.tile_overlap, c.tile_runs, 1, c.downscale)
         return self.decoder.up(h)  # (B, C, H, W)
 
     def encode_latent(self, x: Tensor, generator: torch.Generator | None = None, tiled_encode: bool = False) -> Tensor:
