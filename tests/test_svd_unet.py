@@ -13,7 +13,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from controlnext.checkpoint import (KeyMap, load_svd_unet, read_file, save_state, save_svd_unet,
                                     svd_unet_config_to_diffusers)
 from unet.keymap import SVD_ROWS
-from unet.svd_unet import SVD, SVD_XT, TINY, SVDUNet
+from unet.svd_unet import SVD, SVD_XT, TINY, SVDUNet, svd_added_time_ids
 
 FIXTURE = "tests/fixtures/svd_unet_original_keys.txt"
 TEMPORAL = ("temporal_res_block.", "temporal_transformer_blocks.", "time_pos_embed.", "time_mixer.")
@@ -85,7 +85,7 @@ def inputs(B=2, F=3, H=16, W=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, F, TINY.in_channels, H, W, generator=g)
     context = torch.randn(B, 1, TINY.context_dim, generator=g)
-    ids = torch.tensor([[6.0, 127.0, 0.02], [3.0, 30.0, 0.5]])[:B]  # fps_id, motion bucket, cond_aug
+    ids = torch.cat([svd_added_time_ids(6, 127, 0.02), svd_added_time_ids(3, 30, 0.5)])[:B]  # fps_id, motion, aug
     t = torch.tensor([0.25 * 2.0, -0.25 * 1.5])[:B]  # c_noise = ln(sigma) / 4
     return x, t, context, ids
 
@@ -197,6 +197,7 @@ def test_control_hook_and_residuals(models):
     ("indicator", r"image_only_indicator must be \(B, F\)"),
     ("ids", r"added_time_ids must be"),
     ("image", r"x must be video latents \(B, F, C, H, W\)"),
+    ("chunk", "frame_chunk must be a positive number"),
 ])
 def test_bad_input_gives_one_clear_error(models, change, message):
     ours = models[0]
@@ -210,6 +211,8 @@ def test_bad_input_gives_one_clear_error(models, change, message):
         ids = ids[:, :2]
     if change == "image":
         x = x.flatten(0, 1)
+    if change == "chunk":
+        kwargs["frame_chunk"] = 0
     with pytest.raises(ValueError, match=message):
         ours(x, t, context, ids, **kwargs)
 

@@ -73,7 +73,10 @@ class TemporalResBlock(nn.Module):
 
 
 class VideoResBlock(nn.Module):
-    """Spatial ResBlock per frame, then a TemporalResBlock across frames, blended. (B*F, C_in, H, W) -> (B*F, C_out, H, W)."""
+    """Spatial ResBlock per frame, then a TemporalResBlock across frames, blended.
+
+    (B*F, C_in, H, W) -> (B*F, C_out, H, W).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, groups: int, eps: float, kernel: int,
                  merge_factor: float):
@@ -158,8 +161,8 @@ class SVDUNetConfig:
     added_ids: int = 3                                       # micro-conditioning ids: fps_id, motion_bucket_id, cond_aug
     added_id_dim: int = 256                                  # sinusoid width per id (label_emb input = 3 * 256 = 768)
     groups: int = 32                                         # GroupNorm groups everywhere
-    resnet_eps: float = 1e-5                                 # ResBlock GN eps, spatial and temporal (SGM; diffusers 1e-6
-                                                             # in down blocks 0-2 and the up blocks, checkpoints.md §12.1)
+    resnet_eps: float = 1e-5                                 # ResBlock GN eps, spatial and temporal (SGM); diffusers
+                                                             # has 1e-6 in down blocks 0-2 and up blocks (ckpt.md §12.1)
     temporal_kernel: int = 3                                 # frames seen by the temporal convs (SGM video_kernel_size)
     merge_factor: float = 0.5                                # initial mix_factor of every AlphaBlender (SGM config)
     num_frames: int = 25                                     # frames the weights were trained for (svd 14, svd_xt 25):
@@ -244,7 +247,8 @@ class UpBlock(nn.Module):
 
 
 class SVDUNet(nn.Module):
-    """v-prediction video UNet: (B, F, C_in, H, W), t (B,), image embedding (B, M, D), added ids (B, 3) -> (B, F, C_out, H, W)."""
+    """v-prediction video UNet: (B, F, C_in, H, W), t (B,), image embedding (B, M, D), added ids (B, 3)
+    -> (B, F, C_out, H, W)."""
 
     def __init__(self, config: SVDUNetConfig):
         super().__init__()
@@ -284,7 +288,7 @@ class SVDUNet(nn.Module):
         return block(*args)
 
     def _check_inputs(self, x: Tensor, context: Tensor, added_time_ids: Tensor, num_frames: int,
-                      image_only_indicator: Tensor | None) -> None:
+                      image_only_indicator: Tensor | None, frame_chunk: int | None) -> None:
         cfg = self.config
         problem = None
         if x.ndim != 5:
@@ -300,7 +304,10 @@ class SVDUNet(nn.Module):
             problem = (f"added_time_ids must be (B={x.shape[0]}, {cfg.added_ids}) = [fps_id, motion_bucket_id, "
                        f"cond_aug], got {tuple(added_time_ids.shape)}")
         elif image_only_indicator is not None and tuple(image_only_indicator.shape) != tuple(x.shape[:2]):
-            problem = f"image_only_indicator must be (B, F) = {tuple(x.shape[:2])}, got {tuple(image_only_indicator.shape)}"
+            problem = (f"image_only_indicator must be (B, F) = {tuple(x.shape[:2])}, "
+                       f"got {tuple(image_only_indicator.shape)}")
+        elif frame_chunk is not None and frame_chunk < 1:
+            problem = f"frame_chunk must be a positive number of frames or None, got {frame_chunk}"
         if problem:
             raise ValueError(f"SVDUNet: {problem}")
 
@@ -310,7 +317,7 @@ class SVDUNet(nn.Module):
                 frame_chunk: int | None = None) -> Tensor:
         """`control(site, h)` sees h as (B*F, C, H, W); residuals are folded the same way. `frame_chunk` frames at a
         time go through the per-frame layers (and as many slices through the temporal attention): exact, less memory."""
-        self._check_inputs(x, context, added_time_ids, num_frames, image_only_indicator)
+        self._check_inputs(x, context, added_time_ids, num_frames, image_only_indicator, frame_chunk)
         B, cfg = x.shape[0], self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t  # (B,)
