@@ -5,6 +5,7 @@ diffusers is the numerical oracle only (requirements-dev.txt); these tests run, 
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from controlnext.checkpoint import (KeyMap, load_svd_unet, read_file, save_state
 from unet.keymap import SVD_ROWS
 from unet.svd_unet import SVD, SVD_XT, TINY, SVDUNet, svd_added_time_ids
 
-FIXTURE = "tests/fixtures/svd_unet_original_keys.txt"
+FIXTURE = Path(__file__).parent / "fixtures" / "svd_unet_original_keys.txt"
 TEMPORAL = ("temporal_res_block.", "temporal_transformer_blocks.", "time_pos_embed.", "time_mixer.")
 
 
