@@ -401,7 +401,8 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         h = self.decoder.stem(z)  # (B, C_top, h, w): conv_in + mid block, untiled
         if tiled_decode:
-            norms = [m for m in (*self.decoder.up_blocks.modules(), self.decoder.conv_norm_out) if isinstance(m, GroupNorm)]
+            tiled_part = (*self.decoder.up_blocks.modules(), self.decoder.conv_norm_out)
+            norms = [m for m in tiled_part if isinstance(m, GroupNorm)]
             return tiled(self.decoder.up, h, norms, c.tile_size, c.tile_overlap, c.tile_runs, 1, c.downscale)
         return self.decoder.up(h)  # (B, C, H, W)
 

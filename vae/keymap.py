@@ -101,7 +101,7 @@ LEGACY_DIFFUSERS_ROWS = [
     )
 ]
 
-# SD1.x / SD2.x / SDXL `first_stage_model.` (prefix stripped) or a standalone LDM VAE file. Diffusers names pass through.
+# SD1.x / SD2.x / SDXL `first_stage_model.` (prefix stripped) or a standalone LDM VAE file; diffusers names pass.
 SD_VAE_ROWS = ENCODER_ROWS + IMAGE_DECODER_ROWS + QUANT_ROWS
 
 # SGM `first_stage_model.` of SVD (prefix stripped): SD encoder + VideoDecoder, no quant convs (§2.1).

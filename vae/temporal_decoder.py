@@ -9,9 +9,10 @@ Matches Stability-AI/generative-models@0ad7de9:sgm/modules/autoencoding/temporal
 reverse of the UNet's AlphaBlender (§12.8); conv_out is followed by a temporal Conv3d (`time_conv_out`).
 The encoder, attention, res and upsample blocks are imported from autoencoder.py.
 
-Frame chunking (memory): every per-frame layer (conv_in, spatial res blocks, attention, upsamplers, conv_out) runs on
+Frame chunking (memory): every per-frame layer (spatial res blocks, attention, upsamplers, conv_out) runs on
 `chunk_frames` frames at a time, so its temporaries are chunk-sized; the temporal layers still see the whole clip, so
-the result equals the unchunked decode up to float rounding (tests/test_vae.py). SGM instead decodes `decoding_t`-frame
+the result equals the unchunked decode up to float rounding (tests/test_vae.py). Block outputs and the temporal layers
+stay clip-sized, so the saving is partial (experiments/bench_vae.py measures it). SGM instead decodes `decoding_t`-frame
 chunks independently, which changes the output: the temporal layers couple all frames (GroupNorm statistics over frames,
 a receptive field of +-29 frames), so no independent chunking can be exact. Left out: the training-time losses.
 """
@@ -27,14 +28,14 @@ from torch import Tensor, nn
 
 from vae.autoencoder import Attention, DiagonalGaussian, Encoder, ResnetBlock2D, Upsample, check_image, check_latent
 
-
-def per_frames(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:
-    """A per-frame layer over (B*F, ...) in slices of `chunk` frames (all at once if None); same result, less memory."""
-    return fn(x) if chunk is None else torch.cat([fn(piece) for piece in x.split(chunk)])
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def per_frames(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:
+    """A per-frame layer over (B*F, ...) in slices of `chunk` items (all at once if None): same result, less memory."""
+    return fn(x) if chunk is None else torch.cat([fn(piece) for piece in x.split(chunk)])
 
 
 class TemporalResBlock(nn.Module):
