@@ -23,9 +23,10 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from controlnext.checkpoint import (load_temporal_vae, load_vae, read_state, save_state, save_vae,
+from controlnext.checkpoint import (KeyMap, load_temporal_vae, load_vae, read_state, save_state, save_vae,
                                     vae_config_to_diffusers)
 from vae.autoencoder import SD, TINY, AutoencoderKL, GroupNorm, tiled
+from vae.keymap import SD_VAE_ROWS, SVD_FIRST_STAGE_ROWS
 from vae.temporal_decoder import SVD, TemporalAutoencoder, TemporalVAEConfig
 from vae.temporal_decoder import TINY as TINY_VIDEO
 
@@ -169,6 +170,14 @@ def test_parameter_counts_at_full_size():
     assert (count(sd.encoder), count(sd.decoder)) == (34_163_592, 49_490_179)
     assert count(svd) == 97_742_847 and count(svd.decoder) == 63_579_183
     assert count(first_stage) == 97_742_775  # SGM first_stage_model: no quant_conv
+    # the original layouts at full size, on meta: key counts and names of checkpoints.md §2.1, §4.1, §4.2
+    sd_keys, _ = KeyMap(SD_VAE_ROWS).inverse().apply(sd.state_dict())
+    assert len(sd_keys) == 248 and {"decoder.up.1.block.0.nin_shortcut.weight", "decoder.up.3.upsample.conv.weight",
+                                    "encoder.down.2.block.0.nin_shortcut.weight"} <= sd_keys.keys()
+    svd_keys, _ = KeyMap(SVD_FIRST_STAGE_ROWS).inverse().apply(first_stage.state_dict())
+    assert len(svd_keys) == 372 and len(svd.state_dict()) == 374
+    assert {"decoder.mid.block_2.time_stack.out_layers.3.weight", "decoder.up.0.block.2.mix_factor",
+            "decoder.conv_out.time_mix_conv.weight", "decoder.mid.attn_1.proj_out.weight"} <= svd_keys.keys()
 
 
 # --- memory: tiling and chunking --------------------------------------------------------------------------------------

@@ -256,24 +256,33 @@ def blend_ramp(spans: list[tuple[int, int]], k: int, scale: int) -> Tensor:
 
 
 class TiledStats:
-    """Whole-image GroupNorm statistics built from tiles: every tile adds its blend-weighted sums, so the tiles'
+    """Whole-image GroupNorm statistics built from tiles: every tile adds its blend-weighted moments, so the tiles'
     shares add up to each pixel once. A run normalises with the statistics the previous run gathered (the first run,
     having none, uses each tile's own)."""
 
     def __init__(self):
         self.tile: tuple[list, int, list, int] = ([(0, 1)], 0, [(0, 1)], 0)  # (row spans, row, column spans, column)
-        self.sums: dict[GroupNorm, Tensor] = {}  # this run: per norm, (3, B, G) weighted count, sum, sum of squares
-        self.stats: dict[GroupNorm, tuple[Tensor, Tensor]] = {}  # previous run: per norm, mean and var (B, G)
+        self.moments: dict[GroupNorm, tuple[Tensor, Tensor, Tensor]] = {}  # this run, per norm: count, mean, M2 (B, G)
+        self.stats: dict[GroupNorm, tuple[Tensor, Tensor]] = {}  # previous run, per norm: mean and variance (B, G)
+
+    def add(self, norm: GroupNorm, groups: Tensor, weight: Tensor) -> None:
+        """Merge one tile's weighted moments (Chan et al.'s parallel update: no cancellation, fp64 accumulators)."""
+        count = weight.sum() * groups.shape[2]  # every channel of a group shares the pixel weights
+        mean = (groups @ weight).sum(2) / count  # (B, G); the matmul avoids a tile-sized temporary
+        m2 = ((groups - mean[..., None, None]).square_() @ weight).sum(2)  # (B, G) weighted squared deviations
+        count, mean, m2 = count.double() * torch.ones_like(mean, dtype=torch.float64), mean.double(), m2.double()
+        if norm in self.moments:
+            count0, mean0, m20 = self.moments[norm]
+            delta, total = mean - mean0, count0 + count
+            count, mean, m2 = total, mean0 + delta * count / total, m20 + m2 + delta**2 * count0 * count / total
+        self.moments[norm] = (count, mean, m2)
 
     def normalize(self, norm: GroupNorm, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         ys, i, xs, j = self.tile
         weight = blend_ramp(ys, i, H // (ys[i][1] - ys[i][0]))[:, None] * blend_ramp(xs, j, W // (xs[j][1] - xs[j][0]))
-        weight = weight.to(x.device, torch.float64).flatten()  # (H*W,) this tile's share at this resolution
-        groups = x.reshape(B, norm.num_groups, -1, H * W).double()  # (B, G, C/G, H*W); float64 sums, no cancellation
-        sums = torch.stack([weight.sum() * groups.shape[2] * torch.ones_like(groups[:, :, 0, 0]),
-                            (groups * weight).sum((2, 3)), (groups.square() * weight).sum((2, 3))])  # (3, B, G)
-        self.sums[norm] = self.sums[norm] + sums if norm in self.sums else sums
+        groups = x.reshape(B, norm.num_groups, -1, H * W)  # (B, G, C/G, H*W)
+        self.add(norm, groups, weight.flatten().to(x))  # this tile's share at this resolution
         if norm not in self.stats:
             return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)  # first run: the tile's own
         mean, var = self.stats[norm]  # (B, G)
@@ -282,9 +291,9 @@ class TiledStats:
         return out.reshape(B, C, H, W) * norm.weight[:, None, None] + norm.bias[:, None, None]
 
     def next_run(self) -> None:
-        """Turn this run's sums into the statistics the next run normalises with."""
-        self.stats = {norm: (s[1] / s[0], s[2] / s[0] - (s[1] / s[0]) ** 2) for norm, s in self.sums.items()}
-        self.sums = {}
+        """Turn this run's moments into the statistics the next run normalises with."""
+        self.stats = {norm: (mean, m2 / count) for norm, (count, mean, m2) in self.moments.items()}
+        self.moments = {}
 
 
 def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, norms: list[GroupNorm], tile: int, overlap: int, runs: int,
