@@ -10,6 +10,9 @@ dvlab-research/ControlNeXt@ab4b3ac, the two generations of the module (../shared
           residual mid, 1x1 to 1280, learnable `scale`.
 State-dict keys equal the official releases' (`embedding.*`, `down_res.*`, `down_sample.*`, `mid_convs.*`, `scale`),
 so their files load by identity. How the output enters the UNet (site, gain, normalisation) is inject.py's job.
+Sampling reuse: the stem and the first ResBlock's shortcut and GN-SiLU-conv1 do not depend on t, so `prepare(cond)`
+computes them once per sampling run and `forward(prepared, t)` runs only the time-dependent rest each step (the
+official pipelines recompute everything every step; the outputs are identical, tests/test_controlnext.py checks it).
 Left out: the official modules' unused constructor arguments and classes (BasicBlock, ControlProject); no zero-init
 (the official branch has none: the output is re-scaled by cross normalization instead).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unet.blocks import Downsample, ResBlock, TimestepMLP, timestep_embedding
@@ -45,6 +49,16 @@ class ControlNeXtConfig:
     def stride(self) -> int:
         """Downsampling factor from the condition image to the output map."""
         return (2 if self.stem_channels else 1) * (2 if self.stem_maxpool else 1) * 2 ** len(self.res_channels)
+
+
+@dataclass(frozen=True)
+class PreparedControl:
+    """The branch's time-independent tensors for one condition batch, computed once per sampling run by `prepare`."""
+    skip: Tensor   # (N, C_1, H/2, W/2): the first ResBlock's shortcut of the stem output (N = B*F for video)
+    h: Tensor      # (N, C_1, H/2, W/2): the first ResBlock's conv1(SiLU(GN(stem output))), before + time embedding
+    batch: int     # B: condition samples (a video counts once)
+    frames: int    # frames per sample folded into N; 1 for images
+    video: bool    # the condition was (B, F, 3, H, W)
 
 
 class ControlNeXt(nn.Module):
@@ -88,17 +102,28 @@ class ControlNeXt(nn.Module):
         if self.scale is not None:
             nn.init.ones_(self.scale)
 
-    def forward(self, cond: Tensor, t: Tensor | float) -> Tensor:
-        t = torch.as_tensor(t, device=cond.device)
-        t = t.expand(cond.shape[0]) if t.ndim == 0 else t  # (B,)
-        if cond.ndim == 5:  # video: statistics and features per frame, one time embedding per video
-            frames = cond.shape[1]
-            cond = cond.flatten(0, 1)  # (B*F, 3, H, W)
-            t = t.repeat_interleave(frames)  # (B*F,)
+    def prepare(self, cond: Tensor) -> PreparedControl:
+        """Condition image (B, 3, H, W) or video (B, F, 3, H, W) -> the tensors that no timestep changes."""
+        video = cond.ndim == 5
+        batch, frames = cond.shape[0], cond.shape[1] if video else 1
+        cond = cond.flatten(0, 1) if video else cond  # (N, 3, H, W), N = B*F: features per frame
+        x = cond if self.embedding is None else self.embedding(cond)  # (N, 128, H/2, W/2) with a stem
+        first = self.down_res[0]  # its input-side half: ResBlock.forward (unet/blocks.py) up to the time embedding
+        skip = x if first.conv_shortcut is None else first.conv_shortcut(x)  # (N, C_1, H/2, W/2)
+        return PreparedControl(skip, first.conv1(F.silu(first.norm1(x))), batch, frames, video)
+
+    def forward(self, cond: Tensor | PreparedControl, t: Tensor | float) -> Tensor:
+        """(B, 3, H, W) / (B, F, 3, H, W) or `prepare`'s output, t (B,) or scalar -> (B[*F], C_out, H/s, W/s)."""
+        pre = cond if isinstance(cond, PreparedControl) else self.prepare(cond)
+        t = torch.as_tensor(t, device=pre.h.device)
+        t = t.expand(pre.batch) if t.ndim == 0 else t  # (B,)
+        t = t.repeat_interleave(pre.frames)  # (B*F,): one time embedding per video
         # The sinusoid is taken in fp32, then cast to the input dtype (as diffusers Timesteps + .to(sample.dtype)).
-        emb = self.time_embedding(timestep_embedding(t, self.config.time_channels).to(cond.dtype))  # (N, 256)
-        h = cond if self.embedding is None else self.embedding(cond)  # (N, 128, H/2, W/2) with a stem
-        for res, down in zip(self.down_res, self.down_sample):
+        emb = self.time_embedding(timestep_embedding(t, self.config.time_channels).to(pre.h.dtype))  # (N, 256)
+        first = self.down_res[0]  # the rest of its ResBlock.forward, from the time embedding on
+        h = pre.h + first.time_emb_proj(F.silu(emb))[:, :, None, None]  # (N, C_1, H/2, W/2)
+        h = self.down_sample[0](pre.skip + first.conv2(F.silu(first.norm2(h))))  # (N, C_1, H/4, W/4)
+        for res, down in zip(self.down_res[1:], self.down_sample[1:]):
             h = down(res(h, emb))  # (N, C_i, H_i/2, W_i/2)
         h = self.mid_convs[0](h) + h if self.config.mid_residual else self.mid_convs[0](h)
         return self.mid_convs[1](h)  # (N, C_out, H/s, W/s)

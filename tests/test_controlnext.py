@@ -349,3 +349,57 @@ def test_svd_injection_presets_on_the_video_unet():
             # A per-video scale of 0 (the CFG uncond half in the SVD pipelines) is exactly the base UNet.
             off = model(x, 1.0, context, video, ids, scale=torch.zeros(1, 1, 1, 1))
             assert torch.equal(off, ref)
+
+
+# --- sampling reuse: the prepared stem and the CFG-shared control (issue 6) ------------------------------------------
+
+@pytest.mark.parametrize("ablation", ["cross_norm", "zero_conv"])  # the other arms differ only in inject.py
+def test_prepared_and_cfg_shared_control_equal_the_plain_forward(ablation):
+    torch.manual_seed(0)
+    model = build_controlled_unet(ablation, UNet(TINY), BRANCH_TINY, inj.SD15_TRAIN).eval()
+    if model.zero_conv is not None:
+        nn.init.normal_(model.zero_conv.weight)  # otherwise the control term is exactly 0 and the test is vacuous
+    x, t, context, image = tiny_inputs()
+    x2, t2 = torch.cat([x, x]), torch.cat([t, t])  # CFG: (uncond, cond) halves
+    k = torch.tensor([0.0, 0.0, 0.7, 0.7]).view(4, 1, 1, 1)  # per-sample scale, uncond half uncontrolled
+    context2 = torch.cat([torch.zeros_like(context), context])
+    with torch.no_grad():
+        official = model(x2, t2, context2, torch.cat([image, image]), scale=k)  # image duplicated: branch at batch 4
+        prepared = model.prepare_control(image)
+        for control in (image, prepared):  # branch once at batch 2, features tiled; stem from `prepare` or not
+            assert torch.equal(model(x2, t2, context2, control, scale=k), official)
+        assert torch.equal(model(x, t, context, prepared, scale=0.7), model(x, t, context, image, scale=0.7))
+        assert torch.equal(model.branch(prepared, t), model.branch(image, t))
+        with pytest.raises(AssertionError, match="same t"):
+            model(x2, torch.cat([t, t + 1]), context2, image)
+
+
+def test_prepared_control_in_a_sampling_run_and_on_video():
+    from controlnext.pipeline import DENOISERS, cfg_denoiser, generate
+    from schedulers.guidance import cfg_combine
+    from schedulers.sigmas import ScheduleConfig, make_alphas_cumprod
+    from unet.svd_unet import TINY as SVD_TINY, SVDUNet
+
+    torch.manual_seed(0)
+    model = build_controlled_unet("cross_norm", UNet(TINY), BRANCH_TINY, inj.SD15_TRAIN).eval()
+    _, _, context, image = tiny_inputs()
+    uncond, schedule = torch.zeros_like(context), ScheduleConfig()
+    reference = generate(cfg_denoiser(model, schedule, context, uncond, 3.0, image), (2, 4, 8, 8), schedule, "euler",
+                         4, torch.Generator().manual_seed(1))
+    prepared = model.prepare_control(image)  # once per run; the control image passed once for both CFG halves
+
+    def net_out(x, t):
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]), prepared)
+        return cfg_combine(*out.chunk(2), 3.0)
+
+    denoiser = DENOISERS[schedule.prediction_type](net_out, make_alphas_cumprod(schedule))
+    cached = generate(denoiser, (2, 4, 8, 8), schedule, "euler", 4, torch.Generator().manual_seed(1))
+    assert torch.equal(cached, reference)
+
+    video_model = build_controlled_unet("cross_norm", SVDUNet(SVD_TINY), BRANCH_TINY, inj.SVD_V2).eval()
+    frames = SVD_TINY.num_frames
+    x, ctx = torch.randn(1, frames, 8, 8, 8), torch.randn(1, 1, SVD_TINY.context_dim)
+    ids, video = torch.tensor([[6.0, 127.0, 0.02]]), torch.rand(1, frames, 3, 64, 64)
+    with torch.no_grad():
+        plain = video_model(x, 1.0, ctx, video, ids)
+        assert torch.equal(video_model(x, 1.0, ctx, video_model.prepare_control(video), ids), plain)
