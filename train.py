@@ -51,7 +51,7 @@ class TrainConfig:
     # what to train
     stage: str = "control"             # "control": a method on the frozen base; "base": the toy UNet + text encoder
     ablation: str = "cross_norm"       # controlnext/ablations.py: cross_norm zero_conv no_norm paper_norm controlnet
-    trainable: str = "none"            # UNet tensors trained with the branch (selection.py): none to_out ... lora:R
+    trainable: str = "to_out"          # UNet tensors trained with the branch (selection.py): none to_out ... lora:R
     injection: str = "sd15_train"      # inject.py preset: site, eps, pool order (official SD1.5-Training)
     control_scale: float = 1.0         # k on the added control term while training (official SD1.5 default 1.0)
     # models
@@ -75,11 +75,11 @@ class TrainConfig:
     empty_prompt: str = ""             # official SD1.5 trainer uses the literal "PBH"
     loss_weight_control: float = 1.0  # per-pixel loss weight where the condition is lit (1 = plain MSE)
     # optimisation (official SD1.5: AdamW, lr 1e-5, branch 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8)
-    max_steps: int = 500               # optimizer steps
+    max_steps: int = 400               # optimizer steps (toy: ~5 min on 2 CPU cores)
     batch_size: int = 32               # per process and micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
-    lr: float = 1e-4                   # UNet tensors (base stage: everything)
-    control_lr: float = 1e-3           # control branch (official: 10x lr)
+    lr: float = 3e-4                   # UNet tensors (base stage: everything); toy: 1e-4 and 1e-3 both learn slower
+    control_lr: float = 3e-3           # control branch (official: 10x lr)
     warmup_steps: int = 50             # linear warmup, then constant
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -89,7 +89,7 @@ class TrainConfig:
     mixed_precision: str = "no"        # "no" | "bf16" | "fp16" (autocast; fp32 master weights)
     gradient_checkpointing: bool = False
     # evaluation: fixed held-out procedural set, fixed sampler and noise
-    eval_every: int = 100              # steps; also writes samples/ and plot.png; 0 = only at the end
+    eval_every: int = 100              # steps (and step 0); also writes samples/ and plot.png; 0 = only at the end
     eval_count: int = 32               # held-out examples (fill50k, seed eval_seed)
     eval_seed: int = 1
     sampler: str = "dpmpp_2m"          # controlnext/pipeline.py SAMPLERS
@@ -237,6 +237,17 @@ def main(config: TrainConfig) -> dict:
     model.train()
     losses, history, metrics, last_good = [], {"loss": [], "iou": [], "palette_error": []}, {}, None
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, disable=rank or not config.progress)
+    def log_eval(step: int) -> dict:
+        metrics = evaluate(step)
+        log.row(step=step, **metrics)
+        history["iou"].append((step, metrics["iou"]))
+        history["palette_error"].append((step, metrics["palette_error"]))
+        log.line(f"step {step} | eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        save_plot(log.run / "plot.png", history)
+        return metrics
+
+    if rank == 0 and start == 0 and config.eval_every:  # where training starts from (zero_conv: the base exactly)
+        metrics = log_eval(0)
     tic = time.time()
     for step in bar:
         for group in optimizer.param_groups:  # linear warmup, then constant
@@ -295,12 +306,7 @@ def main(config: TrainConfig) -> dict:
                 log.line(f"step {done} | loss {step_loss:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
                          f"{rate:.2f} it/s{mem}")
             if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
-                metrics = evaluate(done)
-                log.row(step=done, **metrics)
-                history["iou"].append((done, metrics["iou"]))
-                history["palette_error"].append((done, metrics["palette_error"]))
-                log.line(f"step {done} | eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                save_plot(log.run / "plot.png", history)
+                metrics = log_eval(done)
             if done % config.save_every == 0 or done == config.max_steps:
                 last_good = save_checkpoint(log.run, done, params, ema, optimizer, scaler, cli.to_dict(config))
 
