@@ -48,7 +48,7 @@ def trainable_count(selection: str, train_args: list[str]) -> int:
 
 def main(argv: list[str]) -> dict:
     tic = time.time()
-    args, train_args = parse_args(argv, __doc__.splitlines()[0], ARMS, max_steps=600, eval_every=50)
+    args, train_args = parse_args(argv, __doc__.splitlines()[0], ARMS, max_steps=500, eval_every=50)
     runs_dir = Path(args.runs_dir or protocol.ROOT / "runs" / "ablation_selection")
     results = Path(args.results or protocol.ROOT / "experiments" / "results" / "ablation_selection")
     results.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> dict:
 
     budgets = sorted({max(args.eval_every, round(args.max_steps * f / args.eval_every) * args.eval_every)
                       for f in (0.25, 0.5, 1.0)})
-    lines = header(Path(__file__).name, argv, time.time() - tic) + [
+    lines = header(Path(__file__).name, argv, train_args, time.time() - tic) + [
         f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}", "",
         "| --trainable | trainable parameters (branch + UNet) | "
         + " | ".join(f"IoU at step {b} mean (min..max)" for b in budgets) + " |",

@@ -18,6 +18,7 @@ Expected (paper): cross_norm reaches the thresholds first; zero_conv and control
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import shlex
@@ -54,15 +55,20 @@ def parse_args(argv: list[str], description: str, arms: tuple, max_steps: int, e
     return args, [*train_args, f"--eval_every={args.eval_every}"]
 
 
-def header(script: str, argv: list[str], wall: float) -> list[str]:
+def header(script: str, argv: list[str], train_args: list[str], wall: float) -> list[str]:
+    """Command, wall time and machine load, and which base weights (by content hash) every arm started from."""
+    base = next((a.split("=", 1)[1] for a in train_args if a.startswith("--base_weights=")),
+                "experiments/weights/toy_base.safetensors")  # train.TrainConfig's default
+    path = Path(base) if Path(base).is_absolute() else protocol.ROOT / base
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
     return [f"command: python experiments/{script} {shlex.join(argv)}",
             f"wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores (load average at the end "
-            f"{' '.join(f'{v:.1f}' for v in os.getloadavg())})"]
+            f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}); base weights {base} (sha256 {digest}...)"]
 
 
 def main(argv: list[str]) -> dict:
     tic = time.time()
-    args, train_args = parse_args(argv, __doc__.splitlines()[0], ARMS, max_steps=600, eval_every=50)
+    args, train_args = parse_args(argv, __doc__.splitlines()[0], ARMS, max_steps=500, eval_every=50)
     runs_dir = Path(args.runs_dir or protocol.ROOT / "runs" / "fig3_convergence")
     results = Path(args.results or protocol.ROOT / "experiments" / "results" / "fig3_convergence")
     results.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,7 @@ def main(argv: list[str]) -> dict:
     protocol.plot_curves(results / "curves.png", curves, f"fill50k toy: held-out fill IoU vs step "
                          f"(mean, min..max over seeds {list(args.seeds)})")
     protocol.sample_strip(results / "samples.png", {a: runs[f"{a}_s{args.seeds[0]}"] for a in args.arms}, shown)
-    lines = header(Path(__file__).name, argv, time.time() - tic) + [
+    lines = header(Path(__file__).name, argv, train_args, time.time() - tic) + [
         f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}", "",
         *protocol.steps_to_table(curves)]
     (results / "table.md").write_text("\n".join(lines) + "\n")
