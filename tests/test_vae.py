@@ -6,12 +6,13 @@ Tolerances and why:
   (GroupNorm on a transposed view in diffusers' attention, 1 - (1 - alpha) in its AlphaBlender); measured <= 8e-6.
 - frame-chunked vs unchunked temporal decode: 1e-5. Only per-frame layers are chunked, so it is the same computation
   in slices; oneDNN may pick another conv algorithm for another batch size (measured 0 to 2.6e-6).
-- tiled vs untiled: not exact by design. The pieces are checked exactly: one tile is the untiled path; the blend is a
-  partition of unity (a pointwise function comes out unchanged, no seam); GroupNorm statistics gathered over tiles in
-  a second run equal whole-image ones. On a whole random tiny model (2 levels, 8-latent tiles, 3 x 3 tiles) the
-  relative mean error must drop from the first run (tile-local statistics, measured 0.30-0.37) to the second
-  (measured 0.17-0.22; bound 0.3). What remains is zero padding at tile borders, which random weights and tiles this
-  small make large; experiments/bench_vae.py measures the full SD config at 1024x1024.
+- tiled vs untiled: not exact by design (each tile normalises with its own GroupNorm statistics and its convs see zero
+  padding at the tile borders). The pieces are checked exactly: one tile is the untiled path; the blend is a partition
+  of unity (a pointwise function comes out unchanged, so there is no seam). On a whole random tiny model (2 levels,
+  8-latent tiles, 4 overlap, 3 x 3 tiles) the bound is a relative mean error of 0.45 and a max abs error of 1.0
+  (measured 0.30-0.37 and 0.57-0.69 over seeds 0-2, outputs up to ~2.5): random weights and tiles this small make the
+  border effects large. The full SD config at 1024x1024 with the default 64/16 tiles measures 0.058 relative mean and
+  0.26 max abs error (random weights, experiments/bench_vae.py); trained weights were not available offline.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from controlnext.checkpoint import (KeyMap, load_temporal_vae, load_vae, read_state, save_state, save_vae,
                                     vae_config_to_diffusers)
-from vae.autoencoder import SD, TINY, AutoencoderKL, GroupNorm, tiled
+from vae.autoencoder import SD, TINY, AutoencoderKL, tiled
 from vae.keymap import SD_VAE_ROWS, SVD_FIRST_STAGE_ROWS
 from vae.temporal_decoder import SVD, TemporalAutoencoder, TemporalVAEConfig
 from vae.temporal_decoder import TINY as TINY_VIDEO
@@ -193,18 +194,10 @@ def test_tiling_pieces_are_exact():
     # the blend is seam-free: a pointwise function is reproduced exactly, resolution going up or down
     h = torch.randn(2, 5, 24, 20)
     up = lambda t: F.interpolate(t, scale_factor=8)  # noqa: E731
-    assert (tiled(up, h, [], 8, 4, 1, 1, 8) - up(h)).abs().max() <= 1e-6
+    assert (tiled(up, h, 8, 4, 1, 8) - up(h)).abs().max() <= 1e-6
     image = torch.randn(1, 3, 96, 80)
     down = lambda t: F.avg_pool2d(t, 8)  # noqa: E731
-    assert (tiled(down, image, [], 8, 3, 1, 8, 1) - down(image)).abs().max() <= 1e-6
-    # whole-image GroupNorm statistics: tiles normalising themselves are far off, the second run is exact
-    norm, mix = GroupNorm(4, 8, 1e-6), torch.nn.Conv2d(8, 8, 1)
-    fn = lambda t: mix(norm(mix(t)))  # noqa: E731
-    h = torch.randn(2, 8, 24, 24) * 3 + 1
-    with torch.no_grad():
-        assert (tiled(fn, h, [norm], 8, 4, 1, 1, 1) - fn(h)).abs().max() > 0.1
-        assert (tiled(fn, h, [norm], 8, 4, 2, 1, 1) - fn(h)).abs().max() <= 1e-5
-    assert norm.tiled_stats is None
+    assert (tiled(down, image, 8, 3, 8, 1) - down(image)).abs().max() <= 1e-6
 
 
 def test_tiled_decode_close_to_untiled():
@@ -213,11 +206,8 @@ def test_tiled_decode_close_to_untiled():
     z = torch.randn(1, 4, 16, 16)  # 3 x 3 tiles
     with torch.no_grad():
         reference = model.decode(z)
-        errors = []
-        for runs in (1, 2):
-            model.config = dataclasses.replace(config, tile_runs=runs)
-            errors.append(((model.decode(z, tiled_decode=True) - reference).abs().mean() / reference.abs().mean()))
-    assert errors[1] < errors[0] and errors[1] < 0.3, errors  # measured 0.30-0.37 -> 0.17-0.22 over seeds 0-2
+        error = (model.decode(z, tiled_decode=True) - reference).abs()
+    assert error.mean() / reference.abs().mean() < 0.45 and error.max() < 1.0, (error.mean(), error.max())
 
 
 def test_chunked_temporal_decode_equals_unchunked():

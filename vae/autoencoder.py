@@ -9,11 +9,12 @@ ldm/modules/distributions/distributions.py, with module names equal to diffusers
 
 Tiled encode/decode (our addition, for memory): the full-resolution path (encoder down blocks, decoder up blocks) runs
 on overlapping tiles blended with ramps that sum to one (continuous weights, so no seam); the latent-resolution path
-(mid block with its global attention, conv in/out, quant convs) runs untiled and stays exact. GroupNorm couples the
-whole image, so tiles that normalised themselves would drift in tone (diffusers' tiling does this). Instead the tiles
-are run `tile_passes` times: each run gathers blend-weighted whole-image GroupNorm statistics layer by layer and the
-next run normalises with them; after k runs the first k GroupNorms are exact. The remaining difference to the untiled
-path (tile borders, later GroupNorms) is measured in tests/test_vae.py. Left out: the GAN/LPIPS loss, EMA, fp16 casts.
+(mid block with its global attention, conv in/out, quant convs) runs untiled and stays exact. Not exact: GroupNorm in
+the tiled path normalises each tile with its own statistics (as diffusers' tiling does), and convs see zero padding at
+tile borders; tests/test_vae.py and experiments/bench_vae.py measure the difference. We tried normalising tiles with
+whole-image statistics gathered in an extra run: exact for pointwise layers, but with the full SD depth the border
+errors it no longer normalises away grew (relative error 0.17 -> 0.41 at 16-latent tiles), so it is not here.
+Left out: the GAN/LPIPS training loss, EMA, and fp16 casts (run the VAE in fp32, checkpoints.md §12.12).
 """
 
 from __future__ import annotations
@@ -30,25 +31,14 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that tiled encode/decode can point at whole-image statistics (`tiled_stats`, else None)."""
-
-    def __init__(self, groups: int, channels: int, eps: float):
-        super().__init__(groups, channels, eps=eps)
-        self.tiled_stats: TiledStats | None = None  # set only while `tiled` runs; not part of the state dict
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) if self.tiled_stats is None else self.tiled_stats.normalize(self, x)
-
-
 class ResnetBlock2D(nn.Module):
     """GN -> SiLU -> conv3x3, twice, plus a 1x1 shortcut when the width changes. No time embedding in the VAE."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels, eps)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # LDM `nin_shortcut`: always 1x1 (checkpoints.md §12.6)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -64,7 +54,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
-        self.group_norm = GroupNorm(groups, channels, eps)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -157,7 +147,7 @@ class Encoder(nn.Module):
             DownBlock(widths[max(i - 1, 0)], widths[i], layers, i < len(widths) - 1, groups, eps)
             for i in range(len(widths)))
         self.mid_block = MidBlock(widths[-1], attention, groups, eps)
-        self.conv_norm_out = GroupNorm(groups, widths[-1], eps)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1)  # mean and log-variance
 
     def down(self, x: Tensor) -> Tensor:
@@ -187,7 +177,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(top[0], attention, groups, eps)
         self.up_blocks = nn.ModuleList(
             UpBlock(top[max(i - 1, 0)], top[i], layers + 1, i < len(top) - 1, groups, eps) for i in range(len(top)))
-        self.conv_norm_out = GroupNorm(groups, widths[0], eps)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps=eps)
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     def stem(self, z: Tensor) -> Tensor:
@@ -255,76 +245,24 @@ def blend_ramp(spans: list[tuple[int, int]], k: int, scale: int) -> Tensor:
     return ramp
 
 
-class TiledStats:
-    """Whole-image GroupNorm statistics built from tiles: every tile adds its blend-weighted moments, so the tiles'
-    shares add up to each pixel once. A run normalises with the statistics the previous run gathered (the first run,
-    having none, uses each tile's own)."""
-
-    def __init__(self):
-        self.tile: tuple[list, int, list, int] = ([(0, 1)], 0, [(0, 1)], 0)  # (row spans, row, column spans, column)
-        self.moments: dict[GroupNorm, tuple[Tensor, Tensor, Tensor]] = {}  # this run, per norm: count, mean, M2 (B, G)
-        self.stats: dict[GroupNorm, tuple[Tensor, Tensor]] = {}  # previous run, per norm: mean and variance (B, G)
-
-    def add(self, norm: GroupNorm, groups: Tensor, weight: Tensor) -> None:
-        """Merge one tile's weighted moments (Chan et al.'s parallel update: no cancellation, fp64 accumulators)."""
-        count = weight.sum() * groups.shape[2]  # every channel of a group shares the pixel weights
-        mean = (groups @ weight).sum(2) / count  # (B, G); the matmul avoids a tile-sized temporary
-        m2 = ((groups - mean[..., None, None]).square_() @ weight).sum(2)  # (B, G) weighted squared deviations
-        count, mean, m2 = count.double() * torch.ones_like(mean, dtype=torch.float64), mean.double(), m2.double()
-        if norm in self.moments:
-            count0, mean0, m20 = self.moments[norm]
-            delta, total = mean - mean0, count0 + count
-            count, mean, m2 = total, mean0 + delta * count / total, m20 + m2 + delta**2 * count0 * count / total
-        self.moments[norm] = (count, mean, m2)
-
-    def normalize(self, norm: GroupNorm, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        ys, i, xs, j = self.tile
-        weight = blend_ramp(ys, i, H // (ys[i][1] - ys[i][0]))[:, None] * blend_ramp(xs, j, W // (xs[j][1] - xs[j][0]))
-        groups = x.reshape(B, norm.num_groups, -1, H * W)  # (B, G, C/G, H*W)
-        self.add(norm, groups, weight.flatten().to(x))  # this tile's share at this resolution
-        if norm not in self.stats:
-            return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)  # first run: the tile's own
-        mean, var = self.stats[norm]  # (B, G)
-        scale = torch.rsqrt(var + norm.eps)
-        out = (x.reshape(B, norm.num_groups, -1) - mean[..., None].to(x)) * scale[..., None].to(x)  # (B, G, C/G*H*W)
-        return out.reshape(B, C, H, W) * norm.weight[:, None, None] + norm.bias[:, None, None]
-
-    def next_run(self) -> None:
-        """Turn this run's moments into the statistics the next run normalises with."""
-        self.stats = {norm: (mean, m2 / count) for norm, (count, mean, m2) in self.moments.items()}
-        self.moments = {}
-
-
-def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, norms: list[GroupNorm], tile: int, overlap: int, runs: int,
-          factor_in: int, factor_out: int) -> Tensor:
-    """fn over overlapping tiles of x, blended without seams, `runs` times so that `norms` (the GroupNorms inside fn)
-    use whole-image statistics. Tile and overlap count latent pixels: factor_in pixels of x, factor_out of fn(x)."""
+def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, factor_in: int,
+          factor_out: int) -> Tensor:
+    """fn over overlapping tiles of x, blended: each output pixel is the weighted mean of the tiles covering it, with
+    continuous weights, so there is no seam. Tile and overlap count latent pixels: factor_in pixels of x, factor_out
+    pixels of fn(x). Only one tile's activations are alive at a time."""
     ys = tile_spans(x.shape[-2] // factor_in, tile, overlap)
     xs = tile_spans(x.shape[-1] // factor_in, tile, overlap)
-    stats = TiledStats()
-    for norm in norms:
-        norm.tiled_stats = stats
-    try:
-        for run in range(runs):
-            out, total = None, None
-            for i, (y0, y1) in enumerate(ys):
-                for j, (x0, x1) in enumerate(xs):
-                    stats.tile = (ys, i, xs, j)
-                    piece = fn(x[..., y0 * factor_in:y1 * factor_in, x0 * factor_in:x1 * factor_in])  # (B, C', th, tw)
-                    if run < runs - 1:
-                        continue  # a statistics run: the output is not needed
-                    weight = (blend_ramp(ys, i, factor_out)[:, None] * blend_ramp(xs, j, factor_out)).to(piece)
-                    if out is None:
-                        out = piece.new_zeros(*piece.shape[:-2], ys[-1][1] * factor_out, xs[-1][1] * factor_out)
-                        total = piece.new_zeros(out.shape[-2:])
-                    rows, cols = slice(y0 * factor_out, y1 * factor_out), slice(x0 * factor_out, x1 * factor_out)
-                    out[..., rows, cols] += piece * weight
-                    total[rows, cols] += weight
-            stats.next_run()
-    finally:  # leave the model as it was, also after an error
-        for norm in norms:
-            norm.tiled_stats = None
+    out, total = None, None
+    for i, (y0, y1) in enumerate(ys):
+        for j, (x0, x1) in enumerate(xs):
+            piece = fn(x[..., y0 * factor_in:y1 * factor_in, x0 * factor_in:x1 * factor_in])  # (B, C', th, tw)
+            weight = (blend_ramp(ys, i, factor_out)[:, None] * blend_ramp(xs, j, factor_out)).to(piece)  # (th, tw)
+            if out is None:
+                out = piece.new_zeros(*piece.shape[:-2], ys[-1][1] * factor_out, xs[-1][1] * factor_out)
+                total = piece.new_zeros(out.shape[-2:])
+            rows, cols = slice(y0 * factor_out, y1 * factor_out), slice(x0 * factor_out, x1 * factor_out)
+            out[..., rows, cols] += piece * weight
+            total[rows, cols] += weight
     return out / total
 
 
@@ -361,7 +299,6 @@ class VAEConfig:
     latent_scale: float = 0.18215  # z_unet = latent_scale * z (LDM scale_factor; SDXL 0.13025, §4.1)
     tile_size: int = 64  # tiled encode/decode: tile side in latent pixels (64 = 512 image pixels)
     tile_overlap: int = 16  # tiled encode/decode: overlap between neighbouring tiles, in latent pixels
-    tile_runs: int = 2  # tiled encode/decode: runs over the tiles; each after the first uses whole-image GN statistics
 
     @property
     def downscale(self) -> int:
@@ -393,8 +330,7 @@ class AutoencoderKL(nn.Module):
         c = self.config
         check_image(x, c.in_channels, c.downscale)
         if tiled_encode:  # tile the full-resolution path only; mid block (global attention) stays untiled
-            norms = [m for m in self.encoder.down_blocks.modules() if isinstance(m, GroupNorm)]
-            h = tiled(self.encoder.down, x, norms, c.tile_size, c.tile_overlap, c.tile_runs, c.downscale, 1)
+            h = tiled(self.encoder.down, x, c.tile_size, c.tile_overlap, c.downscale, 1)  # (B, C_top, h, w)
         else:
             h = self.encoder.down(x)  # (B, C_top, h, w)
         moments = self.encoder.head(h)  # (B, 2*Z, h, w)
@@ -410,9 +346,7 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         h = self.decoder.stem(z)  # (B, C_top, h, w): conv_in + mid block, untiled
         if tiled_decode:
-            tiled_part = (*self.decoder.up_blocks.modules(), self.decoder.conv_norm_out)
-            norms = [m for m in tiled_part if isinstance(m, GroupNorm)]
-            return tiled(self.decoder.up, h, norms, c.tile_size, c.tile_overlap, c.tile_runs, 1, c.downscale)
+            return tiled(self.decoder.up, h, c.tile_size, c.tile_overlap, 1, c.downscale)  # (B, C, H, W)
         return self.decoder.up(h)  # (B, C, H, W)
 
     def encode_latent(self, x: Tensor, generator: torch.Generator | None = None, tiled_encode: bool = False) -> Tensor:

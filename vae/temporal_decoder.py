@@ -14,7 +14,8 @@ Frame chunking (memory): every per-frame layer (spatial res blocks, attention, u
 the result equals the unchunked decode up to float rounding (tests/test_vae.py). Block outputs and the temporal layers
 stay clip-sized, so the saving is partial (experiments/bench_vae.py measures it). SGM instead decodes `decoding_t`-frame
 chunks independently, which changes the output: the temporal layers couple all frames (GroupNorm statistics over frames,
-a receptive field of +-29 frames), so no independent chunking can be exact. Left out: the training-time losses.
+a receptive field of +-29 frames), so no independent chunking can be exact. Left out: the training-time losses and
+tiled encoding here (SVD encodes one conditioning frame; AutoencoderKL has tiling for large images).
 """
 
 from __future__ import annotations
