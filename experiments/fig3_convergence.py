@@ -4,7 +4,8 @@ Question: the paper (ControlNeXt, arXiv 2408.06070, §3.2 and Fig. 3) claims tha
 few hundred steps with no "sudden convergence", where zero-initialised connections (ControlNet) wait thousands.
 Protocol: on the frozen toy base (experiments/weights/toy_base.safetensors), train each arm of `--ablation`
 (cross_norm, zero_conv, no_norm, paper_norm, controlnet) with 3 seeds; within a seed every arm has the same
-initialisation seed, data order, batch and steps (train.py defaults otherwise); fill IoU on the fixed held-out set
+initialisation seed, data order, batch, steps and learning rates (train.py defaults otherwise; the UNet selection is
+each method's own: `to_out` for the ControlNeXt arms, none for ControlNet); fill IoU on the fixed held-out set
 every `eval_every` steps (train.py's evaluation). Outputs in `--results`: curves.png (mean and min..max band over
 seeds), samples.png (seed 0, condition | output at matching steps), table.md (steps to IoU >= 0.5 and >= 0.8),
 curves.json (every evaluation).
@@ -30,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `protocol` beside th
 import protocol  # noqa: E402
 
 ARMS = ("cross_norm", "zero_conv", "no_norm", "paper_norm", "controlnet")
+# Each method's own recipe where it has one: ControlNet trains its encoder copy on a locked UNet (Zhang et al. 2023
+# §3.2), while the ControlNeXt arms train the branch plus train.py's default UNet selection (`to_out`, the official
+# SD1.5 recipe). A --trainable flag given on the command line overrides this for every arm.
+ARM_OVERRIDES = {"controlnet": ["--trainable=none"]}
 
 
 def parse_args(argv: list[str], description: str, arms: tuple, max_steps: int, eval_every: int):
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> dict:
     runs_dir = Path(args.runs_dir or protocol.ROOT / "runs" / "fig3_convergence")
     results = Path(args.results or protocol.ROOT / "experiments" / "results" / "fig3_convergence")
     results.mkdir(parents=True, exist_ok=True)
-    jobs = {f"{arm}_s{seed}": [f"--ablation={arm}", f"--seed={seed}", *train_args]
+    jobs = {f"{arm}_s{seed}": [f"--ablation={arm}", f"--seed={seed}", *ARM_OVERRIDES.get(arm, []), *train_args]
             for seed in args.seeds for arm in args.arms}  # seed-major: every arm of seed 0 finishes first
     runs = protocol.run_grid(jobs, runs_dir, args.max_steps, args.parallel, args.threads)
     curves = {arm: [protocol.read_curve(runs[f"{arm}_s{seed}"]) for seed in args.seeds] for arm in args.arms}
