@@ -223,7 +223,8 @@ def main(config: TrainConfig) -> dict:
         uncond = text_encoder([config.empty_prompt] * len(prompts))
         controls = torch.stack([torch.from_numpy(e["control"]).permute(2, 0, 1).float() / 255 for e in evals]).to(device)
         denoiser = cfg_denoiser(model, schedule, context, uncond, config.guidance_scale,
-                                None if config.stage == "base" else controls, 1.0, INJECTIONS[config.injection].control_uncond)
+                                None if config.stage == "base" else controls, config.control_scale,
+                                INJECTIONS[config.injection].control_uncond)
         f, r = config.latent_factor, config.resolution
         latents = generate(denoiser, (len(evals), 3 * f * f, r // f, r // f), schedule, config.sampler,
                            config.sampling_steps, torch.Generator().manual_seed(config.eval_seed), device)
@@ -234,10 +235,13 @@ def main(config: TrainConfig) -> dict:
         model.train()
         return metrics
 
-    # --- loop --------------------------------------------------------------------------------------------------
-    model.train()
-    losses, history, metrics, last_good = [], {"loss": [], "iou": [], "palette_error": []}, {}, None
-    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, disable=rank or not config.progress)
+    history = {"loss": [], "iou": [], "palette_error": []}  # for plot.png; a resumed run keeps its rows up to `start`
+    if resumed and rank == 0:
+        rows = [r for r in log.read_rows() if r["step"] <= start]
+        log.rewrite_rows(rows)  # drop rows a stopped run logged after its last checkpoint
+        for name in history:
+            history[name] = [(r["step"], r[name]) for r in rows if name in r]
+
     def log_eval(step: int) -> dict:
         metrics = evaluate(step)
         log.row(step=step, **metrics)
@@ -247,8 +251,12 @@ def main(config: TrainConfig) -> dict:
         save_plot(log.run / "plot.png", history)
         return metrics
 
+    # --- loop --------------------------------------------------------------------------------------------------
+    model.train()
+    losses, metrics, last_good = [], {}, (Path(config.resume) if resumed else None)
     if rank == 0 and start == 0 and config.eval_every:  # where training starts from (zero_conv: the base exactly)
         metrics = log_eval(0)
+    bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, disable=rank or not config.progress)
     tic = time.time()
     for step in bar:
         for group in optimizer.param_groups:  # linear warmup, then constant

@@ -59,6 +59,13 @@ class RunLog:
             with open(self.run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(values) + "\n")
 
+    def read_rows(self) -> list[dict]:
+        path = self.run / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def rewrite_rows(self, rows: list[dict]) -> None:
+        (self.run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
 
 class EMA:
     """Exponential moving average of the trainable tensors: ema <- decay * ema + (1 - decay) * param (fp32)."""
