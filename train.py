@@ -203,6 +203,9 @@ def main(config: TrainConfig) -> dict:
         group["base_lr"] = group["lr"]
     start = 0
     if resumed:
+        if resumed["params"].keys() != params.keys():
+            raise ValueError(f"--resume: the checkpoint's tensors do not match this run's trainable ones: "
+                             f"{sorted(resumed['params'].keys() ^ params.keys())[:5]}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(resumed["params"][name])
