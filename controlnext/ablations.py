@@ -104,6 +104,8 @@ class ControlNetUNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor, control_image: Tensor, y: Tensor | None = None,
                 scale: float | Tensor = 1.0) -> Tensor:
+        if control_image.shape[0] != x.shape[0]:  # passed once for a CFG batch: the encoder copy sees each half's
+            control_image = control_image.repeat(x.shape[0] // control_image.shape[0], 1, 1, 1)  # prompt, no sharing
         down, mid = self.controlnet(x, t, context, control_image, y, scale)
         return self.unet(x, t, context, y, down_residuals=down, mid_residual=mid)
 

@@ -372,6 +372,10 @@ def test_prepared_and_cfg_shared_control_equal_the_plain_forward(ablation):
         assert torch.equal(model.branch(prepared, t), model.branch(image, t))
         with pytest.raises(AssertionError, match="same t"):
             model(x2, torch.cat([t, t + 1]), context2, image)
+        # The ControlNet arm takes the same calling convention (it repeats the image: its halves cannot share).
+        controlnet = build_controlled_unet("controlnet", model.unet, BRANCH_TINY).eval()
+        assert torch.equal(controlnet(x2, t2, context2, controlnet.prepare_control(image)),
+                           controlnet(x2, t2, context2, torch.cat([image, image])))
 
 
 def test_prepared_control_in_a_sampling_run_and_on_video():
