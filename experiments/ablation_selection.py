@@ -62,7 +62,8 @@ def main(argv: list[str]) -> dict:
     budgets = sorted({max(args.eval_every, round(args.max_steps * f / args.eval_every) * args.eval_every)
                       for f in (0.25, 0.5, 1.0)})
     lines = header(Path(__file__).name, argv, train_args, time.time() - tic) + [
-        f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}", "",
+        f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}",
+        *protocol.config_differences(runs), "",
         "| --trainable | trainable parameters (branch + UNet) | "
         + " | ".join(f"IoU at step {b} mean (min..max)" for b in budgets) + " |",
         "|---|---:|" + "---|" * len(budgets)]

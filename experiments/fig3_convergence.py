@@ -88,8 +88,8 @@ def main(argv: list[str]) -> dict:
                          f"(mean, min..max over seeds {list(args.seeds)})")
     protocol.sample_strip(results / "samples.png", {a: runs[f"{a}_s{args.seeds[0]}"] for a in args.arms}, shown)
     lines = header(Path(__file__).name, argv, train_args, time.time() - tic) + [
-        f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}", "",
-        *protocol.steps_to_table(curves)]
+        f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}; per arm: {ARM_OVERRIDES}",
+        *protocol.config_differences(runs), "", *protocol.steps_to_table(curves)]
     (results / "table.md").write_text("\n".join(lines) + "\n")
     (results / "curves.json").write_text(json.dumps(curves, indent=1))
     print("\n".join(lines))

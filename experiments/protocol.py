@@ -80,6 +80,24 @@ def run_grid(jobs: dict[str, list[str]], runs_dir: Path, max_steps: int, paralle
     return {name: run_folder(runs_dir, name) for name in jobs}
 
 
+# Fields that differ between runs by design (the arm, the seed, where and how the run was launched).
+PER_RUN_FIELDS = {"ablation", "trainable", "seed", "experiment", "out_dir", "resume", "progress", "num_threads",
+                  "device", "save_every"}
+
+
+def config_differences(runs: dict[str, Path], allowed: set[str] = frozenset()) -> list[str]:
+    """Fields of the runs' config.json that differ beyond the arm and seed (e.g. train.py's defaults changed while
+    a protocol ran): one line per field with its values, empty when the protocol held."""
+    configs = {name: json.loads((run / "config.json").read_text()) for name, run in runs.items()}
+    fields = sorted({k for c in configs.values() for k in c} - PER_RUN_FIELDS - set(allowed))
+    lines = []
+    for field in fields:
+        values = {json.dumps(c.get(field)) for c in configs.values()}
+        if len(values) > 1:
+            lines.append(f"WARNING: runs differ in {field}: {sorted(values)}")
+    return lines
+
+
 def first_step_at(curve: list[tuple[int, float]], threshold: float) -> int | None:
     """The first evaluated step whose value reaches the threshold (the convergence step of fill50k.md)."""
     return next((step for step, value in curve if value >= threshold), None)
