@@ -275,128 +275,133 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# --- SD UNet (issue 2): load_unet / save_unet, diffusers config.json <-> UNetConfig
+# --- Shared by the loaders: a folder's config.json, the diffusers folder and original single-file writers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def config_or_folder_json(source: str | Path | Mapping[str, Tensor], config):
+    """`config` if given, else the fields of a model folder's config.json, else None."""
+    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
+        return json.loads((Path(source) / "config.json").read_text())
+    return config
+
+
+def save_diffusers_folder(state: Mapping[str, Tensor], config_json: dict, folder: str | Path) -> None:
+    """A diffusers model folder: config.json and diffusion_pytorch_model.safetensors (written atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state(state, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+
+
+def save_single_file(state: Mapping[str, Tensor], rows: list[Row], prefix: str, path: str | Path) -> None:
+    """Our names -> an original single-file layout: the inverse of `rows`, every key under `prefix`."""
+    renamed, _ = KeyMap(rows).inverse().apply(state)
+    save_state({prefix + k: v for k, v in renamed.items()}, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --- UNets (issues 2 and 8): load_unet / save_unet (SD1.x, SD2.x, SDXL), load_svd_unet / save_svd_unet (SVD)
 # ---------------------------------------------------------------------------------------------------------------------
 
 ORIGINAL_UNET_PREFIX = "model.diffusion_model."  # LDM/SGM single files (checkpoints.md §2.1)
 
-# diffusers UNet2DConditionModel fields we do not model: a config.json must leave them at these defaults.
-UNSUPPORTED_UNET_FIELDS = {"class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
-                           "resnet_time_scale_shift": "default", "dual_cross_attention": False,
-                           "only_cross_attention": False, "encoder_hid_dim": None, "center_input_sample": False,
-                           "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                           "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "downsample_padding": 1,
-                           "mid_block_scale_factor": 1, "norm_eps": 1e-5}
+
+def _read_unet(source: str | Path | Mapping[str, Tensor], where: str) -> StateDict:
+    """The UNet tensors of `source`, in either layout: other components of a single file are not ours."""
+    state = read_state(source)
+    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in state):
+        state = strip_prefix(state, ORIGINAL_UNET_PREFIX)
+    if not any(k.startswith(("conv_in.", "input_blocks.0.0.")) for k in state):
+        raise ValueError(f"{where}: not a UNet checkpoint (no conv_in / input_blocks.0.0 weights; "
+                         f"first keys: {sorted(state)[:3]})")
+    return state
 
 
-def unet_config_from_diffusers(d: Mapping) -> "UNetConfig":
-    """UNetConfig from the fields of a diffusers UNet2DConditionModel config.json."""
-    from unet.sd_unet import UNetConfig
-
-    for field, default in UNSUPPORTED_UNET_FIELDS.items():
-        if d.get(field, default) != default:
-            raise ValueError(f"UNet config.json: {field}={d[field]!r} is not supported (expected {default!r})")
-    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
-    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
-    # diffusers reads `attention_head_dim` as the number of heads when `num_attention_heads` is null (§7.2).
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    adm = 0
-    if d.get("addition_embed_type") is not None:
-        if d["addition_embed_type"] != "text_time" or d.get("addition_time_embed_dim", 256) != 256:
-            raise ValueError(f"UNet config.json: addition_embed_type={d['addition_embed_type']!r} is not supported")
-        adm = d["projection_class_embeddings_input_dim"]
-    return UNetConfig(
-        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=channels,
-        layers_per_block=d.get("layers_per_block", 2),
-        attention=tuple(t.startswith("CrossAttn") for t in d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])),
-        transformer_depth=per_level(d.get("transformer_layers_per_block", 1)), heads=per_level(heads),
-        context_dim=d.get("cross_attention_dim", 1280), linear_proj=bool(d.get("use_linear_projection", False)),
-        adm_channels=adm, groups=d.get("norm_num_groups", 32))
-
-
-def unet_config_to_diffusers(cfg: "UNetConfig") -> dict:
-    """The diffusers config.json fields describing `cfg` (for export and for building the reference in tests)."""
-    d = {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-         "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_block,
-         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention],
-         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)],
-         "attention_head_dim": list(cfg.heads), "transformer_layers_per_block": list(cfg.transformer_depth),
-         "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_proj,
-         "norm_num_groups": cfg.groups, "flip_sin_to_cos": True, "freq_shift": 0}
-    if cfg.adm_channels:
-        d.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=cfg.adm_channels)
-    return d
-
-
-def unet_original_rows(cfg: "UNetConfig") -> list[Row]:
-    from unet.keymap import ORIGINAL_ROWS
-
-    structure = (len(cfg.channels), cfg.attention, cfg.layers_per_block)
-    if structure not in ORIGINAL_ROWS:
-        raise ValueError(f"no original-layout key table for a UNet with (levels, attention, layers) = {structure}")
-    return ORIGINAL_ROWS[structure]
-
-
-def detect_unet_preset(state: Mapping[str, Tensor]) -> str:
-    """sd15 / sd21 / sdxl from the weights (checkpoints.md §1 detection), in either layout."""
-    for key in ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-                "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"):
-        if key in state:
-            return {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(state[key].shape[-1], "unknown")
-    return "unknown"
-
-
-def _resolve_unet_config(config, state: Mapping[str, Tensor], where: str) -> "UNetConfig":
-    from unet.sd_unet import PRESETS, UNetConfig
-
-    if isinstance(config, UNetConfig):
-        return config
-    if isinstance(config, Mapping):
-        return unet_config_from_diffusers(config)
-    name = config if config is not None else detect_unet_preset(state)
-    if name not in PRESETS:
-        raise ValueError(f"{where}: cannot tell which UNet this is (got config {name!r}); "
-                         f"pass config= one of {sorted(PRESETS)}, a UNetConfig or a diffusers config dict")
-    return PRESETS[name]
+def _build_and_load(model_class, cfg, state: StateDict, rows: list[Row], dtype: torch.dtype, what: str) -> nn.Module:
+    """Rename with `rows` (none for the diffusers layout), build on meta, load with full accounting."""
+    renamed, origin = KeyMap(rows).apply(state)
+    with torch.device("meta"):
+        model = model_class(cfg)
+    return load_into(model.to(dtype), renamed, origin, what=what)
 
 
 def load_unet(source: str | Path | Mapping[str, Tensor], config=None, *, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Our UNet with the weights of `source`: a diffusers or original single file, a diffusers `unet/` folder, or a
     state dict. `config`: a preset name, a UNetConfig, or diffusers config.json fields; by default the folder's
     config.json, else detected from the weights. Every key is accounted for; nothing is half-loaded."""
-    from unet.sd_unet import UNet
+    from unet.keymap import detect_unet_preset, unet_config_from_diffusers, unet_original_rows
+    from unet.sd_unet import PRESETS, UNet, UNetConfig
 
-    where = source if not isinstance(source, Mapping) else "state dict"
-    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
-        config = json.loads((Path(source) / "config.json").read_text())
-    state = read_state(source)
-    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in state):
-        state = strip_prefix(state, ORIGINAL_UNET_PREFIX)  # other components of a single file are not ours
-    if not any(k.startswith(("conv_in.", "input_blocks.0.0.")) for k in state):
-        raise ValueError(f"{where}: not a UNet checkpoint (no conv_in / input_blocks.0.0 weights; "
-                         f"first keys: {sorted(state)[:3]})")
-    cfg = _resolve_unet_config(config, state, str(where))
-    rows = unet_original_rows(cfg) if any(k.startswith("input_blocks.") for k in state) else []
-    renamed, origin = KeyMap(rows).apply(state)
-    with torch.device("meta"):
-        model = UNet(cfg)
-    load_into(model.to(dtype), renamed, origin, what=f"UNet from {where}")
-    return model
+    where = "state dict" if isinstance(source, Mapping) else str(source)
+    config = config_or_folder_json(source, config)
+    state = _read_unet(source, where)
+    if isinstance(config, Mapping):
+        config = unet_config_from_diffusers(config)
+    elif not isinstance(config, UNetConfig):
+        name = config if config is not None else detect_unet_preset(state)
+        if name not in PRESETS:
+            raise ValueError(f"{where}: cannot tell which UNet this is (got config {name!r}); "
+                             f"pass config= one of {sorted(PRESETS)}, a UNetConfig or a diffusers config dict")
+        config = PRESETS[name]
+    rows = unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
+    return _build_and_load(UNet, config, state, rows, dtype, f"UNet from {where}")
 
 
 def save_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
     """Write a UNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
     "original" -> one .safetensors with `model.diffusion_model.` keys (LDM/SGM names)."""
-    state = model.state_dict()
+    from unet.keymap import unet_config_to_diffusers, unet_original_rows
+
     if layout == "diffusers":
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state(state, folder / "diffusion_pytorch_model.safetensors")
-        (folder / "config.json").write_text(json.dumps(unet_config_to_diffusers(model.config), indent=2))
+        save_diffusers_folder(model.state_dict(), unet_config_to_diffusers(model.config), path)
     elif layout == "original":
-        renamed, _ = KeyMap(unet_original_rows(model.config)).inverse().apply(state)
-        save_state({ORIGINAL_UNET_PREFIX + k: v for k, v in renamed.items()}, path)
+        save_single_file(model.state_dict(), unet_original_rows(model.config), ORIGINAL_UNET_PREFIX, path)
+    else:
+        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
+
+
+def load_svd_unet(source: str | Path | Mapping[str, Tensor], config=None, *,
+                  dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Our SVDUNet with the weights of `source`: the original single file (svd*.safetensors, `model.diffusion_model.`),
+    a diffusers `unet/` folder or file, or a state dict in either layout. `config`: a preset name, an SVDUNetConfig
+    or diffusers config.json fields; by default the folder's config.json, else svd_xt for full-size weights.
+    Every key is accounted for; nothing is half-loaded."""
+    from unet.keymap import svd_unet_config_from_diffusers, svd_unet_original_rows
+    from unet.svd_unet import PRESETS, SVD_XT, SVDUNet, SVDUNetConfig
+
+    where = "state dict" if isinstance(source, Mapping) else str(source)
+    config = config_or_folder_json(source, config)
+    state = _read_unet(source, where)
+    if not any(".time_stack." in k or ".temporal_res_block." in k for k in state):
+        raise ValueError(f"{where}: an image UNet (no temporal layers); load it with load_unet")
+    if isinstance(config, Mapping):
+        config = svd_unet_config_from_diffusers(config)
+    elif config is None:
+        # svd, svd_xt and svd_xt_1_1 have the same keys and shapes (§1 detection): full-size weights get svd_xt,
+        # whose only difference from svd is the default frame count.
+        conv_in = state.get("conv_in.weight", state.get("input_blocks.0.0.weight"))
+        if tuple(conv_in.shape) != (SVD_XT.channels[0], SVD_XT.in_channels, 3, 3):
+            raise ValueError(f"{where}: cannot tell which SVD UNet this is (not full size); pass config= one of "
+                             f"{sorted(PRESETS)}, an SVDUNetConfig or a diffusers config dict")
+        config = SVD_XT
+    elif not isinstance(config, SVDUNetConfig):
+        if config not in PRESETS:
+            raise ValueError(f"{where}: unknown SVD UNet preset {config!r} (expected one of {sorted(PRESETS)})")
+        config = PRESETS[config]
+    rows = svd_unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
+    return _build_and_load(SVDUNet, config, state, rows, dtype, f"SVD UNet from {where}")
+
+
+def save_svd_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
+    """Write an SVDUNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
+    "original" -> one .safetensors with `model.diffusion_model.` keys (SGM VideoUNet names)."""
+    from unet.keymap import svd_unet_config_to_diffusers, svd_unet_original_rows
+
+    if layout == "diffusers":
+        save_diffusers_folder(model.state_dict(), svd_unet_config_to_diffusers(model.config), path)
+    elif layout == "original":
+        save_single_file(model.state_dict(), svd_unet_original_rows(model.config), ORIGINAL_UNET_PREFIX, path)
     else:
         raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
 
@@ -522,6 +527,7 @@ def load_unet_weights(unet: nn.Module, source: str | Path | Mapping[str, Tensor]
     Accepts our / diffusers names, original `input_blocks.*` names (SDXL kohya-style files) and the
     `unet.`-prefixed DeepSpeed export; every key must land on a UNet tensor of the same shape."""
     from controlnext.keymap import UNET_ROWS
+    from unet.keymap import unet_original_rows
 
     state, origin0 = KeyMap(UNET_ROWS).apply(read_state(source))
     rows = unet_original_rows(unet.config) if any(k.startswith("input_blocks.") for k in state) else []
@@ -546,60 +552,15 @@ def load_unet_weights(unet: nn.Module, source: str | Path | Mapping[str, Tensor]
 ORIGINAL_VAE_PREFIX = "first_stage_model."  # LDM/SGM single files (checkpoints.md §2.1)
 SVD_EMBEDDER_PREFIX = "conditioner.embedders.3.encoder."  # svd*.safetensors: the conditioning-frame autoencoder (§4.3)
 
-# diffusers config.json fields that do not change the weights or the maths, and diffusers-only features we do not
-# model, which must then stay at these values (checkpoints.md §7.3).
-IGNORED_VAE_FIELDS = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast")
-FIXED_VAE_FIELDS = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
-                    "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}
-
-
-def vae_config_from_diffusers(d: Mapping, temporal: bool):
-    """VAEConfig (AutoencoderKL) or TemporalVAEConfig (AutoencoderKLTemporalDecoder) from config.json fields."""
-    from vae.autoencoder import VAEConfig
-    from vae.temporal_decoder import TemporalVAEConfig
-
-    fields = {"in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
-              "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
-              "scaling_factor": "latent_scale"}
-    if not temporal:
-        fields.update(norm_num_groups="norm_groups", use_quant_conv="use_quant_conv",
-                      use_post_quant_conv="use_post_quant_conv", mid_block_add_attention="mid_attention")
-    unknown = sorted(set(d) - set(fields) - set(IGNORED_VAE_FIELDS) - set(FIXED_VAE_FIELDS))
-    if unknown:
-        raise ValueError(f"VAE config.json: unknown fields {unknown}")
-    for field, value in FIXED_VAE_FIELDS.items():
-        given = d.get(field, value)
-        if (set(given) != set(value)) if isinstance(value, list) else given != value:
-            raise ValueError(f"VAE config.json: {field}={given!r} is not supported (expected {value!r})")
-    values = {ours: tuple(d[theirs]) if isinstance(d[theirs], list) else d[theirs]
-              for theirs, ours in fields.items() if theirs in d}
-    return TemporalVAEConfig(**values) if temporal else VAEConfig(**values)
-
-
-def vae_config_to_diffusers(cfg) -> dict:
-    """The config.json of the diffusers class equal to `cfg` (for export and for building references in tests)."""
-    from vae.temporal_decoder import TemporalVAEConfig
-
-    levels = len(cfg.block_out_channels)
-    d = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
-         "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
-         "down_block_types": ["DownEncoderBlock2D"] * levels, "scaling_factor": cfg.latent_scale}
-    if isinstance(cfg, TemporalVAEConfig):
-        return {"_class_name": "AutoencoderKLTemporalDecoder", **d}
-    return {"_class_name": "AutoencoderKL", **d, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "norm_num_groups": cfg.norm_groups, "use_quant_conv": cfg.use_quant_conv,
-            "use_post_quant_conv": cfg.use_post_quant_conv, "mid_block_add_attention": cfg.mid_attention}
-
-
 def _vae_source(source, config, temporal: bool, where: str):
     """(state, config object): reads a file, a vae/ folder (or a pipeline folder holding one) or a state dict."""
     from vae.autoencoder import PRESETS as IMAGE_PRESETS, VAEConfig
+    from vae.keymap import vae_config_from_diffusers
     from vae.temporal_decoder import PRESETS as VIDEO_PRESETS, TemporalVAEConfig
 
     if not isinstance(source, Mapping) and (Path(source) / "vae").is_dir():
         source = Path(source) / "vae"  # a whole diffusers pipeline folder
-    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
-        config = json.loads((Path(source) / "config.json").read_text())
+    config = config_or_folder_json(source, config)
     presets, kind = (VIDEO_PRESETS, TemporalVAEConfig) if temporal else (IMAGE_PRESETS, VAEConfig)
     if isinstance(config, Mapping):
         config = vae_config_from_diffusers(config, temporal)
@@ -668,146 +629,18 @@ def save_vae(model: nn.Module, path: str | Path, layout: str = "diffusers") -> N
     """Write an AutoencoderKL or TemporalAutoencoder. "diffusers": a folder with config.json and
     diffusion_pytorch_model.safetensors. "original": one .safetensors in the single-file layout: `first_stage_model.`
     (SD); for SVD also the encoder and quant_conv under `conditioner.embedders.3.encoder.`, as the release keeps them."""
-    from vae.keymap import ENCODER_ROWS, SD_VAE_ROWS, SVD_RELEASE_ROWS
+    from vae.keymap import ENCODER_ROWS, SD_VAE_ROWS, SVD_RELEASE_ROWS, vae_config_to_diffusers
     from vae.temporal_decoder import TemporalAutoencoder
 
     state = model.state_dict()
     if layout == "diffusers":
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state(state, folder / "diffusion_pytorch_model.safetensors")
-        (folder / "config.json").write_text(json.dumps(vae_config_to_diffusers(model.config), indent=2))
+        save_diffusers_folder(state, vae_config_to_diffusers(model.config), path)
     elif layout == "original" and isinstance(model, TemporalAutoencoder):
         out, _ = KeyMap(SVD_RELEASE_ROWS).inverse().apply(state)
         encoder, _ = KeyMap(ENCODER_ROWS).inverse().apply({k: v for k, v in state.items() if k.startswith("encoder.")})
         out.update({ORIGINAL_VAE_PREFIX + k: v.clone() for k, v in encoder.items()})  # SGM's first stage keeps a copy
         save_state(out, path)
     elif layout == "original":
-        renamed, _ = KeyMap(SD_VAE_ROWS).inverse().apply(state)
-        save_state({ORIGINAL_VAE_PREFIX + k: v for k, v in renamed.items()}, path)
-    else:
-        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --- SVD UNet (issue 8): load_svd_unet / save_svd_unet, diffusers config.json <-> SVDUNetConfig; rows in unet/keymap.py
-# ---------------------------------------------------------------------------------------------------------------------
-
-SVD_DOWN_TYPES = {True: "CrossAttnDownBlockSpatioTemporal", False: "DownBlockSpatioTemporal"}
-SVD_UP_TYPES = {True: "CrossAttnUpBlockSpatioTemporal", False: "UpBlockSpatioTemporal"}
-
-
-def svd_unet_config_from_diffusers(d: Mapping) -> "SVDUNetConfig":
-    """SVDUNetConfig from the fields of a diffusers UNetSpatioTemporalConditionModel config.json (§7.2)."""
-    from unet.svd_unet import SVDUNetConfig
-
-    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
-    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
-    for field in ("layers_per_block", "cross_attention_dim"):
-        if isinstance(d.get(field), (list, tuple)):
-            raise ValueError(f"SVD UNet config.json: per-level {field}={d[field]!r} is not supported")
-    down = d.get("down_block_types", [SVD_DOWN_TYPES[a] for a in (True, True, True, False)])
-    if any(t not in SVD_DOWN_TYPES.values() for t in down):
-        raise ValueError(f"SVD UNet config.json: unsupported down_block_types {down}")
-    attention = tuple(t == SVD_DOWN_TYPES[True] for t in down)
-    up = d.get("up_block_types", [SVD_UP_TYPES[a] for a in reversed(attention)])
-    if list(up) != [SVD_UP_TYPES[a] for a in reversed(attention)]:
-        raise ValueError(f"SVD UNet config.json: up_block_types {up} do not mirror down_block_types {down}")
-    id_dim = d.get("addition_time_embed_dim", 256)
-    adm = d.get("projection_class_embeddings_input_dim", 768)
-    if adm % id_dim:
-        raise ValueError(f"SVD UNet config.json: projection_class_embeddings_input_dim {adm} is not a multiple of "
-                         f"addition_time_embed_dim {id_dim}")
-    return SVDUNetConfig(
-        in_channels=d.get("in_channels", 8), out_channels=d.get("out_channels", 4), channels=channels,
-        layers_per_block=d.get("layers_per_block", 2), attention=attention,
-        transformer_depth=per_level(d.get("transformer_layers_per_block", 1)),
-        heads=per_level(d.get("num_attention_heads", (5, 10, 20, 20))), context_dim=d.get("cross_attention_dim", 1024),
-        added_ids=adm // id_dim, added_id_dim=id_dim, num_frames=d.get("num_frames", 25))
-
-
-def svd_unet_config_to_diffusers(cfg: "SVDUNetConfig") -> dict:
-    """The diffusers config.json fields describing `cfg` (export, and the reference model in tests).
-
-    diffusers has no fields for groups, resnet eps, temporal kernel or merge factor: they must be SVD's."""
-    return {"_class_name": "UNetSpatioTemporalConditionModel", "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels, "block_out_channels": list(cfg.channels),
-            "layers_per_block": cfg.layers_per_block,
-            "down_block_types": [SVD_DOWN_TYPES[a] for a in cfg.attention],
-            "up_block_types": [SVD_UP_TYPES[a] for a in reversed(cfg.attention)],
-            "num_attention_heads": list(cfg.heads), "transformer_layers_per_block": list(cfg.transformer_depth),
-            "cross_attention_dim": cfg.context_dim, "addition_time_embed_dim": cfg.added_id_dim,
-            "projection_class_embeddings_input_dim": cfg.added_ids * cfg.added_id_dim, "num_frames": cfg.num_frames}
-
-
-def svd_unet_original_rows(cfg: "SVDUNetConfig") -> list[Row]:
-    from unet.keymap import SVD_ORIGINAL_ROWS
-
-    structure = (len(cfg.channels), cfg.attention, cfg.layers_per_block)
-    if structure not in SVD_ORIGINAL_ROWS:
-        raise ValueError(f"no original-layout key table for an SVD UNet with (levels, attention, layers) = {structure}")
-    return SVD_ORIGINAL_ROWS[structure]
-
-
-def _resolve_svd_unet_config(config, state: Mapping[str, Tensor], where: str) -> "SVDUNetConfig":
-    from unet.svd_unet import PRESETS, SVD_XT, SVDUNetConfig
-
-    if isinstance(config, SVDUNetConfig):
-        return config
-    if isinstance(config, Mapping):
-        return svd_unet_config_from_diffusers(config)
-    if config is None:
-        # svd, svd_xt and svd_xt_1_1 have the same keys and shapes (§1 detection): full-size weights get svd_xt,
-        # whose only difference from svd is the default frame count.
-        conv_in = state.get("conv_in.weight", state.get("input_blocks.0.0.weight"))
-        full = (SVD_XT.channels[0], SVD_XT.in_channels, 3, 3)
-        if conv_in is not None and tuple(conv_in.shape) == full:
-            return SVD_XT
-    if config not in PRESETS:
-        raise ValueError(f"{where}: cannot tell which SVD UNet this is (got config {config!r}); "
-                         f"pass config= one of {sorted(PRESETS)}, an SVDUNetConfig or a diffusers config dict")
-    return PRESETS[config]
-
-
-def load_svd_unet(source: str | Path | Mapping[str, Tensor], config=None, *,
-                  dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Our SVDUNet with the weights of `source`: the original single file (svd*.safetensors, `model.diffusion_model.`),
-    a diffusers `unet/` folder or file, or a state dict in either layout. `config`: a preset name, an SVDUNetConfig
-    or diffusers config.json fields; by default the folder's config.json, else svd_xt for full-size weights.
-    Every key is accounted for; nothing is half-loaded."""
-    from unet.svd_unet import SVDUNet
-
-    where = source if not isinstance(source, Mapping) else "state dict"
-    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
-        config = json.loads((Path(source) / "config.json").read_text())
-    state = read_state(source)
-    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in state):
-        state = strip_prefix(state, ORIGINAL_UNET_PREFIX)  # VAE, CLIP and conditioner parts of a single file: not ours
-    if not any(k.startswith(("conv_in.", "input_blocks.0.0.")) for k in state):
-        raise ValueError(f"{where}: not a UNet checkpoint (no conv_in / input_blocks.0.0 weights; "
-                         f"first keys: {sorted(state)[:3]})")
-    if not any(".time_stack." in k or ".temporal_res_block." in k for k in state):
-        raise ValueError(f"{where}: an image UNet (no temporal layers); load it with load_unet")
-    cfg = _resolve_svd_unet_config(config, state, str(where))
-    rows = svd_unet_original_rows(cfg) if any(k.startswith("input_blocks.") for k in state) else []
-    renamed, origin = KeyMap(rows).apply(state)
-    with torch.device("meta"):
-        model = SVDUNet(cfg)
-    load_into(model.to(dtype), renamed, origin, what=f"SVD UNet from {where}")
-    return model
-
-
-def save_svd_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
-    """Write an SVDUNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
-    "original" -> one .safetensors with `model.diffusion_model.` keys (SGM VideoUNet names)."""
-    state = model.state_dict()
-    if layout == "diffusers":
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_state(state, folder / "diffusion_pytorch_model.safetensors")
-        (folder / "config.json").write_text(json.dumps(svd_unet_config_to_diffusers(model.config), indent=2))
-    elif layout == "original":
-        renamed, _ = KeyMap(svd_unet_original_rows(model.config)).inverse().apply(state)
-        save_state({ORIGINAL_UNET_PREFIX + k: v for k, v in renamed.items()}, path)
+        save_single_file(state, SD_VAE_ROWS, ORIGINAL_VAE_PREFIX, path)
     else:
         raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")

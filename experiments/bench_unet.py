@@ -16,7 +16,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
-from controlnext.checkpoint import load_into, unet_config_to_diffusers
+from controlnext.checkpoint import load_into
+from unet.keymap import unet_config_to_diffusers
 from unet.sd_unet import PRESETS, UNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

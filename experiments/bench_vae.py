@@ -58,7 +58,7 @@ def image_part(size: int, tiling: dict[str, int]) -> None:
     # --- ours vs diffusers decode time at a small size (tiny config and full SD config at 128x128)
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-    from controlnext.checkpoint import vae_config_to_diffusers
+    from vae.keymap import vae_config_to_diffusers
 
     for name, config, side in (("tiny", TINY, 64), ("sd", SD, 128)):
         fields = {k: v for k, v in vae_config_to_diffusers(config).items() if not k.startswith("_")}

@@ -15,11 +15,11 @@ from torch import nn
 
 from controlnext import inject as inj
 from controlnext.ablations import ABLATIONS, build_controlled_unet
-from controlnext.checkpoint import (KeyMap, load_control_branch, load_unet_weights, save_state, unet_original_rows,
-                                    weight_increments)
+from controlnext.checkpoint import KeyMap, load_control_branch, load_unet_weights, save_state, weight_increments
 from controlnext.control_branch import G1_SD15, G1_SVD, G2, TINY as BRANCH_TINY, ControlNeXt
 from controlnext.controlnet import ControlNet, ControlNetConfig
 from controlnext.selection import count_selected, merge_lora, select_trainable
+from unet.keymap import unet_original_rows
 from unet.sd_unet import SD15, SDXL, TINY, UNet
 
 ROOT = Path(__file__).resolve().parents[1]

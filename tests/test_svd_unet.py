@@ -11,9 +11,8 @@ import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
-from controlnext.checkpoint import (KeyMap, load_svd_unet, read_file, save_state, save_svd_unet,
-                                    svd_unet_config_to_diffusers)
-from unet.keymap import SVD_ROWS
+from controlnext.checkpoint import KeyMap, load_svd_unet, read_file, save_state, save_svd_unet
+from unet.keymap import SVD_ROWS, svd_unet_config_to_diffusers
 from unet.svd_unet import SVD, SVD_XT, TINY, SVDUNet, svd_added_time_ids
 
 FIXTURE = Path(__file__).parent / "fixtures" / "svd_unet_original_keys.txt"

@@ -16,8 +16,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from controlnext.checkpoint import (ORIGINAL_UNET_PREFIX, KeyMap, load_into, load_unet, save_state, save_unet,
-                                    unet_config_from_diffusers, unet_config_to_diffusers, unet_original_rows)
+from controlnext.checkpoint import ORIGINAL_UNET_PREFIX, KeyMap, load_into, load_unet, save_state, save_unet
+from unet.keymap import detect_unet_preset, unet_config_from_diffusers, unet_config_to_diffusers, unet_original_rows
 from unet.sd_unet import SD15, SD21, SDXL, TINY, UNet, sdxl_vector
 
 TINY_SD2 = dataclasses.replace(TINY, heads=(2, 2, 2, 2), linear_proj=True)
@@ -145,7 +145,6 @@ def test_full_config_key_sets_map_one_to_one(cfg, n_original):
 def test_preset_detection_from_weights(tmp_path):
     with torch.device("meta"):
         state = UNet(SD21).state_dict()
-    from controlnext.checkpoint import detect_unet_preset
     assert detect_unet_preset(state) == "sd21"
 
 

@@ -1,13 +1,22 @@
-"""Key tables from the original single-file UNet layout (LDM/SGM `model.diffusion_model.*`) to ours.
+"""Checkpoint formats of the UNets: key tables from the original single-file layout (LDM/SGM
+`model.diffusion_model.*`) to ours, and the translation between diffusers' config.json and our configs.
 
 Our module names equal diffusers', so the diffusers layout needs no rows. These rows are data for
 controlnext/checkpoint.py's engine: `(original_prefix, our_prefix)`, longest prefix wins, and `KeyMap.inverse()`
 gives the export direction. Block indices are written out literally per structure, as the original code numbers
 them (../shared/reference/checkpoints.md §3.2-3.4); spatial transformers have identical inner names in both layouts.
-Checked in tests/test_unet_loading.py against diffusers' own converter (convert_ldm_unet_checkpoint).
+Checked in tests/test_unet_reference.py against diffusers' own converter (convert_ldm_unet_checkpoint) and in
+tests/test_svd_unet.py against the recorded svd_xt key list.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from unet.sd_unet import UNetConfig
+from unet.svd_unet import SVDUNetConfig
 
 
 def nest(source: str, ours: str, inner: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -165,3 +174,120 @@ SVD_ROWS = [
 SVD_ORIGINAL_ROWS = {
     (4, (True, True, True, False), 2): SVD_ROWS,
 }
+
+
+# --- diffusers config.json <-> our configs: the other half of each format (what the weights' shapes mean)
+
+# diffusers UNet2DConditionModel fields we do not model: a config.json must leave them at these defaults.
+UNSUPPORTED_UNET_FIELDS = {"class_embed_type": None, "num_class_embeds": None, "time_embedding_type": "positional",
+                           "resnet_time_scale_shift": "default", "dual_cross_attention": False,
+                           "only_cross_attention": False, "encoder_hid_dim": None, "center_input_sample": False,
+                           "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                           "act_fn": "silu", "conv_in_kernel": 3, "conv_out_kernel": 3, "downsample_padding": 1,
+                           "mid_block_scale_factor": 1, "norm_eps": 1e-5}
+
+
+def unet_config_from_diffusers(d: Mapping) -> UNetConfig:
+    """UNetConfig from the fields of a diffusers UNet2DConditionModel config.json."""
+    for field, default in UNSUPPORTED_UNET_FIELDS.items():
+        if d.get(field, default) != default:
+            raise ValueError(f"UNet config.json: {field}={d[field]!r} is not supported (expected {default!r})")
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
+    # diffusers reads `attention_head_dim` as the number of heads when `num_attention_heads` is null (§7.2).
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    adm = 0
+    if d.get("addition_embed_type") is not None:
+        if d["addition_embed_type"] != "text_time" or d.get("addition_time_embed_dim", 256) != 256:
+            raise ValueError(f"UNet config.json: addition_embed_type={d['addition_embed_type']!r} is not supported")
+        adm = d["projection_class_embeddings_input_dim"]
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=channels,
+        layers_per_block=d.get("layers_per_block", 2),
+        attention=tuple(t.startswith("CrossAttn") for t in d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])),
+        transformer_depth=per_level(d.get("transformer_layers_per_block", 1)), heads=per_level(heads),
+        context_dim=d.get("cross_attention_dim", 1280), linear_proj=bool(d.get("use_linear_projection", False)),
+        adm_channels=adm, groups=d.get("norm_num_groups", 32))
+
+
+def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
+    """The diffusers config.json fields describing `cfg` (for export and for building the reference in tests)."""
+    d = {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+         "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_block,
+         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention],
+         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)],
+         "attention_head_dim": list(cfg.heads), "transformer_layers_per_block": list(cfg.transformer_depth),
+         "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_proj,
+         "norm_num_groups": cfg.groups, "flip_sin_to_cos": True, "freq_shift": 0}
+    if cfg.adm_channels:
+        d.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=cfg.adm_channels)
+    return d
+
+
+def unet_original_rows(cfg: UNetConfig) -> list[tuple]:
+    structure = (len(cfg.channels), cfg.attention, cfg.layers_per_block)
+    if structure not in ORIGINAL_ROWS:
+        raise ValueError(f"no original-layout key table for a UNet with (levels, attention, layers) = {structure}")
+    return ORIGINAL_ROWS[structure]
+
+
+def detect_unet_preset(state: Mapping[str, Tensor]) -> str:
+    """sd15 / sd21 / sdxl from the weights (checkpoints.md §1 detection), in either layout."""
+    for key in ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"):
+        if key in state:
+            return {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(state[key].shape[-1], "unknown")
+    return "unknown"
+
+
+SVD_DOWN_TYPES = {True: "CrossAttnDownBlockSpatioTemporal", False: "DownBlockSpatioTemporal"}
+SVD_UP_TYPES = {True: "CrossAttnUpBlockSpatioTemporal", False: "UpBlockSpatioTemporal"}
+
+
+def svd_unet_config_from_diffusers(d: Mapping) -> SVDUNetConfig:
+    """SVDUNetConfig from the fields of a diffusers UNetSpatioTemporalConditionModel config.json (§7.2)."""
+    channels = tuple(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
+    for field in ("layers_per_block", "cross_attention_dim"):
+        if isinstance(d.get(field), (list, tuple)):
+            raise ValueError(f"SVD UNet config.json: per-level {field}={d[field]!r} is not supported")
+    down = d.get("down_block_types", [SVD_DOWN_TYPES[a] for a in (True, True, True, False)])
+    if any(t not in SVD_DOWN_TYPES.values() for t in down):
+        raise ValueError(f"SVD UNet config.json: unsupported down_block_types {down}")
+    attention = tuple(t == SVD_DOWN_TYPES[True] for t in down)
+    up = d.get("up_block_types", [SVD_UP_TYPES[a] for a in reversed(attention)])
+    if list(up) != [SVD_UP_TYPES[a] for a in reversed(attention)]:
+        raise ValueError(f"SVD UNet config.json: up_block_types {up} do not mirror down_block_types {down}")
+    id_dim = d.get("addition_time_embed_dim", 256)
+    adm = d.get("projection_class_embeddings_input_dim", 768)
+    if adm % id_dim:
+        raise ValueError(f"SVD UNet config.json: projection_class_embeddings_input_dim {adm} is not a multiple of "
+                         f"addition_time_embed_dim {id_dim}")
+    return SVDUNetConfig(
+        in_channels=d.get("in_channels", 8), out_channels=d.get("out_channels", 4), channels=channels,
+        layers_per_block=d.get("layers_per_block", 2), attention=attention,
+        transformer_depth=per_level(d.get("transformer_layers_per_block", 1)),
+        heads=per_level(d.get("num_attention_heads", (5, 10, 20, 20))), context_dim=d.get("cross_attention_dim", 1024),
+        added_ids=adm // id_dim, added_id_dim=id_dim, num_frames=d.get("num_frames", 25))
+
+
+def svd_unet_config_to_diffusers(cfg: SVDUNetConfig) -> dict:
+    """The diffusers config.json fields describing `cfg` (export, and the reference model in tests).
+
+    diffusers has no fields for groups, resnet eps, temporal kernel or merge factor: they must be SVD's."""
+    return {"_class_name": "UNetSpatioTemporalConditionModel", "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "block_out_channels": list(cfg.channels),
+            "layers_per_block": cfg.layers_per_block,
+            "down_block_types": [SVD_DOWN_TYPES[a] for a in cfg.attention],
+            "up_block_types": [SVD_UP_TYPES[a] for a in reversed(cfg.attention)],
+            "num_attention_heads": list(cfg.heads), "transformer_layers_per_block": list(cfg.transformer_depth),
+            "cross_attention_dim": cfg.context_dim, "addition_time_embed_dim": cfg.added_id_dim,
+            "projection_class_embeddings_input_dim": cfg.added_ids * cfg.added_id_dim, "num_frames": cfg.num_frames}
+
+
+def svd_unet_original_rows(cfg: SVDUNetConfig) -> list[tuple]:
+    structure = (len(cfg.channels), cfg.attention, cfg.layers_per_block)
+    if structure not in SVD_ORIGINAL_ROWS:
+        raise ValueError(f"no original-layout key table for an SVD UNet with (levels, attention, layers) = {structure}")
+    return SVD_ORIGINAL_ROWS[structure]

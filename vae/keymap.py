@@ -1,4 +1,4 @@
-"""Key-map rows for VAE checkpoints (data only; the engine is controlnext/checkpoint.py, STYLE.md §4).
+"""Key-map rows and config.json translation for VAE checkpoints (data; the engine is controlnext/checkpoint.py).
 
 Our module names equal diffusers' (AutoencoderKL, AutoencoderKLTemporalDecoder), so the diffusers layout needs no
 rows. The rows below rename the original single-file layouts (CompVis LDM `first_stage_model.`, SGM `VideoDecoder`),
@@ -9,6 +9,11 @@ keeps its encoder), §1 (keys to ignore). Rows are (source_prefix, our_prefix[, 
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+from vae.autoencoder import VAEConfig
+from vae.temporal_decoder import TemporalVAEConfig
 
 
 def under(source_root: str, target_root: str, rows: list[tuple]) -> list[tuple]:
@@ -121,3 +126,45 @@ SVD_RELEASE_ROWS = [
     ("conditioner.", None),  # the CLIP image tower and parameter-free embedders
     ("denoiser.", None),  # SGM discrete-denoiser sigmas, if present (§1)
 ]
+
+
+# --- diffusers config.json <-> VAEConfig / TemporalVAEConfig (checkpoints.md §7.3)
+
+# diffusers config.json fields that do not change the weights or the maths, and diffusers-only features we do not
+# model, which must then stay at these values (checkpoints.md §7.3).
+IGNORED_VAE_FIELDS = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast")
+FIXED_VAE_FIELDS = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
+                    "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}
+
+
+def vae_config_from_diffusers(d: Mapping, temporal: bool):
+    """VAEConfig (AutoencoderKL) or TemporalVAEConfig (AutoencoderKLTemporalDecoder) from config.json fields."""
+    fields = {"in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
+              "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+              "scaling_factor": "latent_scale"}
+    if not temporal:
+        fields.update(norm_num_groups="norm_groups", use_quant_conv="use_quant_conv",
+                      use_post_quant_conv="use_post_quant_conv", mid_block_add_attention="mid_attention")
+    unknown = sorted(set(d) - set(fields) - set(IGNORED_VAE_FIELDS) - set(FIXED_VAE_FIELDS))
+    if unknown:
+        raise ValueError(f"VAE config.json: unknown fields {unknown}")
+    for field, value in FIXED_VAE_FIELDS.items():
+        given = d.get(field, value)
+        if (set(given) != set(value)) if isinstance(value, list) else given != value:
+            raise ValueError(f"VAE config.json: {field}={given!r} is not supported (expected {value!r})")
+    values = {ours: tuple(d[theirs]) if isinstance(d[theirs], list) else d[theirs]
+              for theirs, ours in fields.items() if theirs in d}
+    return TemporalVAEConfig(**values) if temporal else VAEConfig(**values)
+
+
+def vae_config_to_diffusers(cfg) -> dict:
+    """The config.json of the diffusers class equal to `cfg` (for export and for building references in tests)."""
+    levels = len(cfg.block_out_channels)
+    d = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
+         "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+         "down_block_types": ["DownEncoderBlock2D"] * levels, "scaling_factor": cfg.latent_scale}
+    if isinstance(cfg, TemporalVAEConfig):
+        return {"_class_name": "AutoencoderKLTemporalDecoder", **d}
+    return {"_class_name": "AutoencoderKL", **d, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "norm_num_groups": cfg.norm_groups, "use_quant_conv": cfg.use_quant_conv,
+            "use_post_quant_conv": cfg.use_post_quant_conv, "mid_block_add_attention": cfg.mid_attention}
