@@ -10,7 +10,9 @@ Commands:
 Method: the full SD1.5 UNet (random weights, 77 context tokens), G2 branch + `sd15_train` injection, the diffusers-
 layout ControlNet copied from the same UNet. One process; every round times each arm once, in a rotating order, and
 each arm's time is divided by the same round's base time (paired ratios cancel the drift of a shared machine); we
-report medians over rounds. Batch 1 = one image without CFG; batch 2 = one image with CFG (uncond + cond halves).
+report medians over rounds. On the CPU the clock is the process's CPU time (single-threaded runs: the work done, not
+the time spent waiting for a core on a shared machine; `--clock=wall` for wall time).
+Batch 1 = one image without CFG; batch 2 = one image with CFG (uncond + cond halves).
 Arms: `controlnext` is the sampling step as this repo runs it: the branch's time-independent stem is prepared once
 per run (its cost is measured every round and added as 1/`steps` of it: "amortised"), and under CFG the branch runs
 once for both halves (ablations.py). `controlnext_official` recomputes the whole branch every step on the duplicated
@@ -22,6 +24,7 @@ import argparse
 import ast
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -50,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                        help="cpu: the process's CPU time (on a shared CPU it leaves out the time spent waiting for "
+                             "a core); auto: cpu on the CPU, wall on a GPU")
     parser.add_argument("--smoke", action="store_true", help="TINY UNet and branch, latent 8, 2 rounds (tests)")
     parser.add_argument("--out", default="", help="also write the report to this file (with the command)")
     args = parser.parse_args(argv)
@@ -70,7 +76,7 @@ def build(smoke: bool, device: torch.device, dtype: torch.dtype) -> tuple[UNet, 
 
 
 def measure(unet: UNet, models: dict, size: int, batch: int, repeats: int, steps: int, device: torch.device,
-            dtype: torch.dtype) -> dict[str, list[float]]:
+            dtype: torch.dtype, clock) -> dict[str, list[float]]:
     """Seconds per call of each arm, `repeats` interleaved rounds (plus one warm-up round), and the prepare cost."""
     cfg = unet.config
     images = 1 if batch == 2 else batch  # batch 2 = CFG over one condition image
@@ -93,11 +99,11 @@ def measure(unet: UNet, models: dict, size: int, batch: int, repeats: int, steps
     def timed(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     times = {name: [] for name in (*ARMS, "prepare")}
     with torch.inference_mode():
@@ -141,10 +147,13 @@ def main(argv: list[str]) -> list[str]:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     unet, models = build(args.smoke, device, dtype)
+    use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and device.type == "cpu")
+    clock = time.process_time if use_cpu_clock else time.perf_counter
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads")
-    lines = [f"command: python experiments/table2_latency.py {' '.join(argv)}",
-             f"machine: {machine}; torch {torch.__version__}; {args.dtype}; load average at start "
+    lines = [f"command: python experiments/table2_latency.py {shlex.join(argv)}",
+             f"machine: {machine}; torch {torch.__version__}; {args.dtype}; "
+             f"clock: {'process CPU time' if use_cpu_clock else 'wall'}; load average at start "
              f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}",
              f"paper Table 2 (SD1.5, s/step): base {PAPER['base']}, ControlNeXt {PAPER['controlnext']} "
              f"(+{100 * (PAPER['controlnext'] / PAPER['base'] - 1):.1f}%), ControlNet {PAPER['controlnet']} "
@@ -156,7 +165,7 @@ def main(argv: list[str]) -> list[str]:
         for batch in args.batches:
             repeats = 2 if args.smoke else args.repeats or (7 if size <= 32 else 5)
             tic = time.time()
-            times = measure(unet, models, size, batch, repeats, args.steps, device, dtype)
+            times = measure(unet, models, size, batch, repeats, args.steps, device, dtype, clock)
             block = [f"{8 * size} px (latent {size}), batch {batch}{' (CFG)' if batch == 2 else ''}, "
                      f"{repeats} rounds, {time.time() - tic:.0f} s wall:"] + report(times, args.steps)
             print("\n".join(block), flush=True)
