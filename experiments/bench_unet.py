@@ -5,10 +5,13 @@ Command (CPU, the recorded row):   python experiments/bench_unet.py
 GPU rows:                          python experiments/bench_unet.py --device=cuda --dtype=fp16 --size=64 --batch=2
 Method: full SD1.5 config with random weights (diffusers' init, copied into ours), one denoising step at a latent of
 `size`x`size`, `batch` samples, 77 context tokens; runs alternate ours/diffusers and each pair gives a ratio
-(ours / diffusers), so slow drift of the machine cancels; we report medians. diffusers is a benchmark-only import.
+(ours / diffusers), so slow drift of the machine cancels; we report medians. On the CPU the default clock is the
+process's CPU time (all threads), which leaves out the time spent waiting for a core on a shared machine; `--clock=wall`
+for an idle one. diffusers is a benchmark-only import.
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -32,7 +35,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--clock", default="", choices=["", "process", "wall"], help="default: process on CPU, wall on GPU")
     args = parser.parse_args()
+    clock = time.process_time if (args.clock or ("wall" if args.device != "cpu" else "process")) == "process" \
+        else time.perf_counter
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
@@ -54,11 +60,11 @@ def main() -> None:
     def timed(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     run_ours = lambda: ours(x, t, context, y)  # noqa: E731
     run_reference = lambda: reference(x, t, context, **extra)  # noqa: E731
@@ -75,7 +81,7 @@ def main() -> None:
                 ours_times.append(timed(run_ours))
     ratios = [o / r for o, r in zip(ours_times, reference_times)]
     print(f"{args.preset} latent {args.size}x{args.size} batch {args.batch} {args.dtype} {device} "
-          f"threads {args.threads} repeats {args.repeats}")
+          f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}; load average {os.getloadavg()}")
     print(f"ours      median {statistics.median(ours_times) * 1e3:9.1f} ms")
     print(f"diffusers median {statistics.median(reference_times) * 1e3:9.1f} ms")
     print(f"ratio ours/diffusers: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
