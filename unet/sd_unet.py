@@ -111,35 +111,42 @@ class UpBlock(nn.Module):
         return h
 
 
+def encoder_decoder_plan(cfg: UNetConfig) -> tuple[list[int], list[tuple[int, int, list[int]]]]:
+    """Input width of each down block, and (level, input width, skip widths) of each up block in decoder order.
+
+    The encoder pushes a skip after conv_in, each ResBlock and each downsample; each decoder level pops
+    layers_per_block + 1 of them, last pushed first. SVDUNetConfig has the same fields: unet/svd_unet.py uses it too.
+    """
+    n_levels = len(cfg.channels)
+    skip_widths, width, down_widths = [cfg.channels[0]], cfg.channels[0], []
+    for level in range(n_levels):
+        down_widths.append(width)
+        width = cfg.channels[level]
+        skip_widths += [width] * (cfg.layers_per_block + (level < n_levels - 1))
+    up_plan = []
+    for level in reversed(range(n_levels)):
+        up_plan.append((level, width, [skip_widths.pop() for _ in range(cfg.layers_per_block + 1)]))
+        width = cfg.channels[level]
+    assert not skip_widths, f"unconsumed skips {skip_widths}"
+    return down_widths, up_plan
+
+
 class UNet(nn.Module):
     """eps/v-prediction UNet: (B, C_in, H, W), t (B,), context (B, M, D)[, y (B, adm)] -> (B, C_out, H, W)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         cfg = self.config = config
-        n_levels = len(cfg.channels)
-        assert len(cfg.attention) == len(cfg.transformer_depth) == len(cfg.heads) == n_levels, f"per-level tuples: {cfg}"
+        assert len(cfg.attention) == len(cfg.transformer_depth) == len(cfg.heads) == len(cfg.channels), \
+            f"per-level tuples: {cfg}"
         self.gradient_checkpointing = False  # recompute each block's activations in backward (one switch, STYLE §2)
         self.time_embedding = TimestepMLP(cfg.channels[0], cfg.emb_dim)
         self.add_embedding = TimestepMLP(cfg.adm_channels, cfg.emb_dim) if cfg.adm_channels else None
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)
-
-        # Encoder. Track the width of every skip the encoder pushes: conv_in, each ResBlock, each downsample.
-        skip_widths, width = [cfg.channels[0]], cfg.channels[0]
-        self.down_blocks = nn.ModuleList()
-        for level in range(n_levels):
-            self.down_blocks.append(DownBlock(cfg, level, width))
-            width = cfg.channels[level]
-            skip_widths += [width] * (cfg.layers_per_block + (level < n_levels - 1))
+        down_widths, up_plan = encoder_decoder_plan(cfg)
+        self.down_blocks = nn.ModuleList(DownBlock(cfg, level, width) for level, width in enumerate(down_widths))
         self.mid_block = MidBlock(cfg)
-
-        # Decoder: levels in reverse, each popping layers_per_block + 1 skips (last pushed, first used).
-        self.up_blocks = nn.ModuleList()
-        for level in reversed(range(n_levels)):
-            popped = [skip_widths.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(cfg, level, width, popped))
-            width = cfg.channels[level]
-        assert not skip_widths, f"unconsumed skips {skip_widths}"
+        self.up_blocks = nn.ModuleList(UpBlock(cfg, level, width, skips) for level, width, skips in up_plan)
 
         self.conv_norm_out = nn.GroupNorm(cfg.groups, cfg.channels[0], eps=1e-5)
         self.conv_act = nn.SiLU()

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unet.blocks import (Attention, Downsample, FeedForward, ResBlock, SpatialTransformer, TimestepMLP, Upsample,
                          timestep_embedding)
-from unet.sd_unet import ControlHook
+from unet.sd_unet import ControlHook, encoder_decoder_plan
 
 
 def chunked(fn: Callable[..., Tensor], chunks: int, *tensors: Tensor) -> Tensor:
@@ -253,29 +253,16 @@ class SVDUNet(nn.Module):
     def __init__(self, config: SVDUNetConfig):
         super().__init__()
         cfg = self.config = config
-        n_levels = len(cfg.channels)
-        assert len(cfg.attention) == len(cfg.transformer_depth) == len(cfg.heads) == n_levels, f"per-level tuples: {cfg}"
+        assert len(cfg.attention) == len(cfg.transformer_depth) == len(cfg.heads) == len(cfg.channels), \
+            f"per-level tuples: {cfg}"
         self.gradient_checkpointing = False  # recompute each block's activations in backward (one switch, STYLE §2)
         self.time_embedding = TimestepMLP(cfg.channels[0], cfg.emb_dim)
         self.add_embedding = TimestepMLP(cfg.added_ids * cfg.added_id_dim, cfg.emb_dim)  # orig `label_emb`
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)
-
-        # Encoder. Track the width of every skip the encoder pushes: conv_in, each ResBlock, each downsample.
-        skip_widths, width = [cfg.channels[0]], cfg.channels[0]
-        self.down_blocks = nn.ModuleList()
-        for level in range(n_levels):
-            self.down_blocks.append(DownBlock(cfg, level, width))
-            width = cfg.channels[level]
-            skip_widths += [width] * (cfg.layers_per_block + (level < n_levels - 1))
+        down_widths, up_plan = encoder_decoder_plan(cfg)  # the SD UNet's skeleton, unchanged
+        self.down_blocks = nn.ModuleList(DownBlock(cfg, level, width) for level, width in enumerate(down_widths))
         self.mid_block = MidBlock(cfg)
-
-        # Decoder: levels in reverse, each popping layers_per_block + 1 skips (last pushed, first used).
-        self.up_blocks = nn.ModuleList()
-        for level in reversed(range(n_levels)):
-            popped = [skip_widths.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up_blocks.append(UpBlock(cfg, level, width, popped))
-            width = cfg.channels[level]
-        assert not skip_widths, f"unconsumed skips {skip_widths}"
+        self.up_blocks = nn.ModuleList(UpBlock(cfg, level, width, skips) for level, width, skips in up_plan)
 
         self.conv_norm_out = nn.GroupNorm(cfg.groups, cfg.channels[0], eps=1e-5)
         self.conv_act = nn.SiLU()
