@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from unet.blocks import (Attention, Downsample, FeedForward, ResBlock, SpatialTransformer, TimestepMLP, Upsample,
+from unet.blocks import (Downsample, FeedForward, ResBlock, SpatialTransformer, TimestepMLP, TransformerBlock, Upsample,
                          timestep_embedding)
 from unet.sd_unet import ControlHook, encoder_decoder_plan
 
@@ -92,28 +92,20 @@ class VideoResBlock(nn.Module):
         return self.time_mixer(x, video.transpose(1, 2).flatten(0, 1), image_only)  # (B*F, C_out, H, W)
 
 
-class TemporalTransformerBlock(nn.Module):
-    """Feed-forward in, self-attention over frames, cross-attention to the image embedding, feed-forward.
-
-    Each step is pre-LN and residual. (B*H*W, F, C), context (B*H*W, M, D) -> (B*H*W, F, C).
+class TemporalTransformerBlock(TransformerBlock):
+    """SD's transformer block over frames with a feed-forward in front: ff_in, self-attention over frames,
+    cross-attention to the image embedding, feed-forward; each pre-LN and residual.
+    (B*H*W, F, C), context (B*H*W, M, D) -> (B*H*W, F, C).
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int):
-        super().__init__()
+        super().__init__(dim, heads, context_dim)
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         x = x + self.ff_in(self.norm_in(x))
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        return super().forward(x, context)
 
 
 class VideoTransformer(SpatialTransformer):
