@@ -4,7 +4,8 @@ CFG (Ho & Salimans 2022, Eq. 6) and control are a closure around the network, bu
 schedulers/samplers.py stay stateless and condition-free. The cond and uncond halves run as one doubled batch; the
 control enters both halves unless the injection preset says the official pipeline left the uncond half uncontrolled
 (controlnext.md §2.4). `net` is a bare UNet (`control_image` None: base model) or a controlled UNet from
-controlnext/ablations.py. The toy's latent codec is a fixed space-to-depth (pixel unshuffle) of the RGB image.
+controlnext/ablations.py. Nothing that is the same at every step is recomputed: the control branch's time-independent
+part runs once per sampling run (`net.prepare_control`), and under CFG the control is passed once for both halves. The toy's latent codec is a fixed space-to-depth (pixel unshuffle) of the RGB image.
 Left out: the SD VAE decode path and CLIP prompt encoding (issue for the SD1.5/SDXL recipes), guidance rescale.
 """
 
@@ -60,21 +61,23 @@ def cfg_denoiser(net: nn.Module, schedule: ScheduleConfig, context: Tensor, unco
     alphas_cumprod = make_alphas_cumprod(schedule)
     guided = uncond_context is not None and guidance_scale != 1.0
     B = context.shape[0]
+    # Once per sampling run: the branch's stem (and whatever else does not depend on t).
+    control = None if control_image is None else net.prepare_control(control_image)
 
     def net_out(x_in: Tensor, t: Tensor) -> Tensor:
         if not guided:
-            if control_image is None:
+            if control is None:
                 return net(x_in, t, context)
-            return net(x_in, t, context, control_image, scale=control_scale)
+            return net(x_in, t, context, control, scale=control_scale)
         x2, t2 = torch.cat([x_in, x_in]), torch.cat([t, t])  # (2B, ...): uncond half first
         ctx2 = torch.cat([uncond_context, context])  # (2B, L, D)
-        if control_image is None:
+        if control is None:
             out = net(x2, t2, ctx2)
         else:
             k = torch.full((2 * B, 1, 1, 1), control_scale, device=x_in.device, dtype=x_in.dtype)
             if not control_uncond:
                 k[:B] = 0.0  # the official SVD pipelines leave the uncond half uncontrolled
-            out = net(x2, t2, ctx2, torch.cat([control_image, control_image]), scale=k)
+            out = net(x2, t2, ctx2, control, scale=k)  # one control for both halves (computed at batch B)
         uncond, cond = out.chunk(2)
         return cfg_combine(uncond, cond, guidance_scale)
 
