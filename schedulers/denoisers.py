@@ -17,6 +17,7 @@ VScalingWithEDMcNoise (Stability-AI/generative-models sgm/modules/diffusionmodul
 Left out: "sample" (x0) prediction, learned-variance outputs, and SGM's EDM scaling with sigma_data != 1.
 """
 
+import abc
 import bisect
 import math
 
@@ -39,8 +40,9 @@ def _scalar(sigma: torch.Tensor | float) -> float | None:
     return sigma.item() if sigma.numel() == 1 else None
 
 
-class DiscreteDenoiser:
-    """A network trained on a 1000-step DDPM schedule, called at continuous sigma via t(sigma) (log-sigma interp)."""
+class DiscreteDenoiser(abc.ABC):
+    """A network trained on a 1000-step DDPM schedule, called at continuous sigma via t(sigma) (log-sigma interp).
+    Subclasses say what the network predicts by their `scalings` (eps, v, or x0)."""
 
     def __init__(self, net, alphas_cumprod: torch.Tensor, *, quantize: bool = False, linear_t: bool = False):
         self.net = net  # callable (x_in, t, **cond) -> epsilon or v
@@ -55,9 +57,9 @@ class DiscreteDenoiser:
         # the same interpolation key as a Python list, for the scalar path (bisect instead of searchsorted)
         self._key = (self.sigma_table if linear_t else self.sigma_table.log()).tolist()
 
+    @abc.abstractmethod
     def scalings(self, sigma: torch.Tensor | float) -> tuple:
         """(c_skip, c_out, c_in) for a float sigma or a (B,) float64 tensor."""
-        raise NotImplementedError
 
     def c_noise(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's time input: the fractional DDPM index t(sigma). (B,) float64 -> (B,) float32"""
