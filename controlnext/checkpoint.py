@@ -92,6 +92,18 @@ def read_state(source: str | Path | Mapping[str, Tensor]) -> StateDict:
     return read_folder(source) if Path(source).is_dir() else read_file(source)
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file ({} for other files or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def list_keys(path: str | Path) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, shape) of every tensor in a safetensors file, read from the header only (fixtures, §4.5)."""
     with open(path, "rb") as f:

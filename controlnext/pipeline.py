@@ -56,7 +56,7 @@ def decode_pixels(latents: Tensor, factor: int) -> Tensor:
 
 def cfg_denoiser(net: nn.Module, schedule: ScheduleConfig, context: Tensor, uncond_context: Tensor | None,
                  guidance_scale: float, control_image: Tensor | None = None, control_scale: float = 1.0,
-                 control_uncond: bool = True):
+                 control_uncond: bool = True, y: Tensor | None = None, uncond_y: Tensor | None = None):
     """D(x, sigma) -> x0_hat for a DDPM-trained net, with CFG over (uncond, cond) and the control closed over."""
     alphas_cumprod = make_alphas_cumprod(schedule)
     guided = uncond_context is not None and guidance_scale != 1.0
@@ -67,17 +67,18 @@ def cfg_denoiser(net: nn.Module, schedule: ScheduleConfig, context: Tensor, unco
     def net_out(x_in: Tensor, t: Tensor) -> Tensor:
         if not guided:
             if control is None:
-                return net(x_in, t, context)
-            return net(x_in, t, context, control, scale=control_scale)
+                return net(x_in, t, context, y)
+            return net(x_in, t, context, control, y=y, scale=control_scale)
         x2, t2 = torch.cat([x_in, x_in]), torch.cat([t, t])  # (2B, ...): uncond half first
         ctx2 = torch.cat([uncond_context, context])  # (2B, L, D)
+        y2 = None if y is None else torch.cat([uncond_y, y])  # (2B, adm)
         if control is None:
-            out = net(x2, t2, ctx2)
+            out = net(x2, t2, ctx2, y2)
         else:
             k = torch.full((2 * B, 1, 1, 1), control_scale, device=x_in.device, dtype=x_in.dtype)
             if not control_uncond:
                 k[:B] = 0.0  # the official SVD pipelines leave the uncond half uncontrolled
-            out = net(x2, t2, ctx2, control, scale=k)  # one control for both halves (computed at batch B)
+            out = net(x2, t2, ctx2, control, y=y2, scale=k)  # one control for both halves (computed at batch B)
         uncond, cond = out.chunk(2)
         return cfg_combine(uncond, cond, guidance_scale)
 
@@ -86,15 +87,21 @@ def cfg_denoiser(net: nn.Module, schedule: ScheduleConfig, context: Tensor, unco
 
 @torch.no_grad()
 def generate(denoiser, shape: tuple[int, ...], schedule: ScheduleConfig, sampler: str, steps: int,
-             generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-    """Sample latents of `shape` from pure noise with a named sampler; the noise comes from `generator` (CPU)."""
+             generator: torch.Generator, device: torch.device | str = "cpu", noise: Tensor | None = None) -> Tensor:
+    """Sample latents of `shape` from pure noise with a named sampler; the noise comes from `generator` (CPU), or is
+    `noise` (unit variance, the `latents` a diffusers pipeline takes, before its init_noise_sigma)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     fn, multistep, stochastic = SAMPLERS[sampler]
     sigmas = ddim_sigmas(schedule, steps) if sampler == "ddim" else sampling_sigmas(schedule, steps, multistep=multistep)
     sigmas = sigmas.float().to(device)
-    x = torch.randn(shape, generator=generator).to(device) * (sigmas[0] ** 2 + 1) ** 0.5  # x enters at sigmas[0]
+    noise = torch.randn(shape, generator=generator) if noise is None else noise
+    x = noise.to(device) * (sigmas[0] ** 2 + 1) ** 0.5  # x enters at sigmas[0]
     if stochastic:
-        noise = [torch.randn(shape, generator=generator).to(device) for _ in range(len(sigmas) - 1)]
-        return fn(denoiser, x, sigmas, noise=noise)
-    return fn(denoiser, x, sigmas)
+        steps_noise = [torch.randn(shape, generator=generator).to(device) for _ in range(len(sigmas) - 1)]
+        x = fn(denoiser, x, sigmas, noise=steps_noise)
+    else:
+        x = fn(denoiser, x, sigmas)
+    # Back to the DDPM variable the VAE decodes: x_t = x / sqrt(sigma^2 + 1) at the last level (1 when it is 0; DDIM
+    # stops at sigma(t=0) as SD ships it, and diffusers decodes that x_t).
+    return x / (sigmas[-1].item() ** 2 + 1) ** 0.5

@@ -99,7 +99,9 @@ class CLIPTokenizer:
             if token not in vocab:
                 raise ValueError(f"tokenizer vocabulary has no {token!r}")
         self.vocab = vocab
+        self.merges = list(merges)
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # lower rank merges first
+        self.pad_token = pad_token
         self.byte_encoder = bytes_to_unicode()
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
         self.length = length  # 77 positions: bos + 75 tokens + eos
@@ -178,6 +180,63 @@ class CLIPTokenizer:
             ids = [self.bos_id, *self.encode(prompt)[:self.length - 2], self.eos_id]
             rows.append(ids + [self.pad_id] * (self.length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)  # (B, length)
+
+
+    def save(self, folder: str | Path) -> None:
+        """Write vocab.json, merges.txt and the special-token files of a diffusers/transformers `tokenizer/` folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(pair) for pair in self.merges)]
+        (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials), encoding="utf-8")
+        config = {**specials, "model_max_length": self.length, "do_lower_case": True,
+                  "tokenizer_class": "CLIPTokenizer"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+def learn_bpe(texts: list[str], num_merges: int, pad_token: str = EOS) -> CLIPTokenizer:
+    """A small CLIP tokenizer learned on `texts`: greedy BPE (Sennrich et al. 2016, Alg. 1) over CLIP's byte symbols.
+
+    The vocabulary has the real file structure (checkpoints.md §10): the 256 byte symbols, the same with `</w>`, the
+    merged pairs in order, then bos and eos, so every CLIP tokenizer (ours, transformers', open_clip's) reads it.
+    Ties between equally frequent pairs go to the lexicographically largest pair, so the result is deterministic.
+    """
+    table = bytes_to_unicode()
+    words: dict[tuple[str, ...], int] = {}
+    for text in texts:
+        for word in split_words(clean_text(text)):
+            if word in (BOS, EOS):
+                continue
+            symbols = "".join(table[b] for b in word.encode("utf-8"))
+            key = (*symbols[:-1], symbols[-1] + "</w>")
+            words[key] = words.get(key, 0) + 1
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            break  # every word is one symbol: nothing left to merge
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        merged: dict[tuple[str, ...], int] = {}
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):  # merge every occurrence of `best`, left to right
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
+    symbols = list(table.values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges] + [BOS, EOS]
+    return CLIPTokenizer({token: i for i, token in enumerate(tokens)}, merges, pad_token)
 
 
 def _check_merges(merges: list[tuple[str, ...]], path: Path) -> list[tuple[str, str]]:
