@@ -1,127 +1,108 @@
-"""Train a control method on a frozen base (`--stage=control`) or the toy base itself (`--stage=base`).
+"""Train a control method on a frozen Stable Diffusion (`--stage=control`), or a small SD pipeline's stages.
 
-    python train.py --ablation zero_conv                      # the main job: ~5 min on 2 CPU cores, fill50k toy
-    python train.py experiments/toy_base.py                   # the toy base (prompt only), ~30 min on CPU
+    python train.py --ablation zero_conv                      # the main job: the miniature SD1.5, fill50k, CPU minutes
+    python train.py experiments/sd15_fill50k.py --pretrained=v1-5-pruned-emaonly.safetensors --tokenizer=tokenizer/
     torchrun --nproc_per_node=2 train.py --ablation=cross_norm  # data parallel (gloo on CPU, NCCL on GPU)
     python train.py experiments/sd15_fill50k.py --dry_run     # print the resolved config and exit
 
-Paper: ControlNeXt (Peng et al. 2024, arXiv 2408.06070) §3-4; the recipe is the official SD1.5 trainer
-(dvlab-research/ControlNeXt@ab4b3ac ControlNeXt-SD1.5-Training/train_controlnext.py; ../shared/reference/controlnext.md
-§4.1): DDPM epsilon MSE with uniform t, AdamW, the control branch at 10x the UNet's learning rate. Ours adds warmup,
-gradient clipping, EMA, a NaN guard and fp32 master weights under autocast. The default task is procedural fill50k
-at 64 px with a pixel space-to-depth "latent" (stride 8, like SD's VAE) and the TOY UNet (experiments/weights/).
-Left out here: loading SD1.5/SDXL/SVD weights, VAE and CLIP encoding (a later issue adds those recipes).
+Paper: ControlNeXt (Peng et al. 2024, arXiv 2408.06070) §3-4; the recipe is the official SD1.5/SDXL trainers
+(dvlab-research/ControlNeXt@ab4b3ac ControlNeXt-SD1.5-Training/train_controlnext.py, ControlNeXt-SDXL-Training;
+../shared/reference/controlnext.md §4.1-4.2): VAE latents, CLIP text, DDPM eps/v MSE with uniform t, AdamW with the
+control branch at 10x the UNet's learning rate. Ours adds warmup, gradient clipping, EMA, a NaN guard, fp32 master
+weights under autocast, and DistributedDataParallel under torchrun. What one step computes is controlnext/stages.py;
+the settings are controlnext/config.py (TrainConfig); run folders and checkpoints controlnext/runs.py.
+Left out: SVD and SD3 training (their own issues), aspect-ratio buckets, wandb.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from controlnext import cli
-from controlnext.ablations import build_controlled_unet
-from controlnext.checkpoint import load_into, read_state, save_state, strip_prefix
+from controlnext.ablations import ABLATIONS
+from controlnext.config import RESUMABLE, TrainConfig, check
 from controlnext.control_branch import PRESETS as BRANCHES
-from controlnext.data import VOCAB, Fill50k, FolderDataset, fill50k_example
+from controlnext.data import Fill50k, FolderDataset
 from controlnext.inject import PRESETS as INJECTIONS
-from controlnext.metrics import fill50k_metrics
-from controlnext.pipeline import cfg_denoiser, decode_pixels, encode_pixels, generate
-from controlnext.selection import select_trainable
-from controlnext.training import (EMA, RunLog, load_checkpoint, loss_weight_map, make_run_dir, save_checkpoint,
-                                  save_grid, save_plot, step_generator)
-from encoders.toy_text import PRESETS as TEXT_ENCODERS, ToyTextEncoder
-from schedulers.sigmas import ScheduleConfig, make_alphas_cumprod
-from schedulers.training import sd_training_noise
-from unet.sd_unet import PRESETS as UNETS, UNet
+from controlnext.pipeline import SAMPLERS
+from controlnext.runs import (EMA, RunLog, load_checkpoint, make_run_dir, remove_stale_temp_files, save_checkpoint,
+                              step_generator)
+from controlnext.sd_pipeline import PRESETS as MODELS
+from controlnext.selection import SELECTIONS
+from controlnext.stages import LatentCache, build_stage, eval_set
+
+NAMES = {"ablation": tuple(ABLATIONS), "sampler": tuple(SAMPLERS), "injection": tuple(INJECTIONS),
+         "branch": tuple(BRANCHES), "trainable": tuple(SELECTIONS), "model": tuple(MODELS)}
 
 
-# --- config -----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    # what to train
-    stage: str = "control"             # "control": a method on the frozen base; "base": the toy UNet + text encoder
-    ablation: str = "cross_norm"       # controlnext/ablations.py: cross_norm zero_conv no_norm paper_norm controlnet
-    trainable: str = "to_out"          # UNet tensors trained with the branch (selection.py): none to_out ... lora:R
-    injection: str = "sd15_train"      # inject.py preset: site, eps, pool order (official SD1.5-Training)
-    control_scale: float = 1.0         # k on the added control term while training (official SD1.5 default 1.0)
-    # models
-    unet: str = "toy"                  # unet/sd_unet.py PRESETS name
-    text_encoder: str = "toy"          # encoders/toy_text.py PRESETS name
-    branch: str = "tiny"               # control_branch.py PRESETS name (its out_channels = the UNet width at the site)
-    base_weights: str = "experiments/weights/toy_base.safetensors"  # unet.* + text_encoder.*; "" = random (base stage)
-    latent_factor: int = 8             # toy codec: pixel space-to-depth by this factor (8 = SD's VAE stride)
-    # noise (schedulers/sigmas.py ScheduleConfig): DDPM's pixel-space linear schedule (Ho et al. 2020 §4)
-    beta_schedule: str = "linear"      # "linear" | "scaled_linear" (SD1.5) | "squaredcos_cap_v2"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    prediction_type: str = "sample"    # network output: "epsilon" (SD1.5) | "v_prediction" | "sample" (x0: the toy,
-                                       # whose 32-wide conv_in cannot pass 192 noise channels through; pipeline.py)
-    timestep_spacing: str = "trailing"  # sampling: start at t = T-1 (Lin et al. 2023 Table 2)
-    # data
-    dataset: str = "fill50k"           # "fill50k" (procedural) or a folder with prompt.json / metadata.jsonl
-    resolution: int = 64               # pixels, multiple of 8
-    dataset_seed: int = 0              # procedural fill50k stream
-    proportion_empty_prompts: float = 0.0  # prompt -> empty_prompt with this probability (official flag)
-    empty_prompt: str = ""             # official SD1.5 trainer uses the literal "PBH"
-    loss_weight_control: float = 1.0  # per-pixel loss weight where the condition is lit (1 = plain MSE)
-    # optimisation (official SD1.5: AdamW, lr 1e-5, branch 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8)
-    max_steps: int = 400               # optimizer steps (toy: ~5 min on 2 CPU cores)
-    batch_size: int = 32               # per process and micro-batch
-    grad_accum: int = 1                # micro-batches per optimizer step
-    lr: float = 3e-4                   # UNet tensors (base stage: everything); toy: 1e-4 and 1e-3 both learn slower
-    control_lr: float = 3e-3           # control branch (official: 10x lr)
-    warmup_steps: int = 50             # linear warmup, then constant
-    weight_decay: float = 1e-2
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0             # max global grad norm; 0 = off (the official SD1.5 trainer has it off)
-    ema_decay: float = 0.99            # EMA of the trainable tensors; 0 = off
-    mixed_precision: str = "no"        # "no" | "bf16" | "fp16" (autocast; fp32 master weights)
-    gradient_checkpointing: bool = False
-    # evaluation: fixed held-out procedural set, fixed sampler and noise
-    eval_every: int = 100              # steps (and step 0); also writes samples/ and plot.png; 0 = only at the end
-    eval_count: int = 32               # held-out examples (fill50k, seed eval_seed)
-    eval_seed: int = 1
-    sampler: str = "dpmpp_2m"          # controlnext/pipeline.py SAMPLERS
-    sampling_steps: int = 10
-    guidance_scale: float = 2.0        # classifier-free guidance (needs a base trained with empty prompts)
-    # bookkeeping
-    experiment: str = ""               # run folder name; "" = "toy_<ablation>" or "toy_base"
-    out_dir: str = "runs"
-    log_every: int = 10
-    save_every: int = 250              # checkpoint period (and one at the end)
-    seed: int = 0
-    device: str = "auto"               # "auto" | "cpu" | "cuda"
-    num_threads: int = 1               # torch CPU threads (toy-sized ops gain little from more and lose badly on
-                                       # shared cores: 0.7 vs 2.3 it/s measured); 0 = torch's default
-    resume: str = ""                   # a checkpoint .pt to continue from, in its own run folder
-    inject_nan_at: int = -1            # tests: poison the loss at this step to exercise the NaN guard
-    progress: bool = True              # tqdm bar
+def read_resume(config: TrainConfig) -> dict | None:
+    """The checkpoint --resume names, after checking that it can continue this config (before any work)."""
+    if not config.resume:
+        return None
+    resumed = load_checkpoint(config.resume)
+    changed = {k for k, v in cli.to_dict(config).items() if k not in RESUMABLE and resumed["config"].get(k) != v
+               and v != "auto"}  # "auto" fields were resolved into the checkpoint's config
+    if changed:
+        raise ValueError(f"--resume: these fields differ from the checkpoint's config: {sorted(changed)}")
+    if config.max_steps < resumed["step"]:
+        raise ValueError(f"--max_steps={config.max_steps} is below the checkpoint's step {resumed['step']}")
+    return resumed
 
 
-# Fields that may change when resuming (they do not change the math of the steps already taken).
-RESUMABLE = {"max_steps", "resume", "eval_every", "log_every", "save_every", "progress", "device", "num_threads",
-             "experiment", "out_dir", "inject_nan_at"}
+def restore(resumed: dict, params: dict, optimizer, ema: EMA | None, scaler) -> int:
+    """Put a checkpoint's tensors, optimizer, EMA, scaler and RNG state back; returns the step to continue from."""
+    if resumed["params"].keys() != params.keys():
+        raise ValueError(f"--resume: the checkpoint's tensors do not match this run's trainable ones: "
+                         f"{sorted(resumed['params'].keys() ^ params.keys())[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(resumed["params"][name])
+    optimizer.load_state_dict(resumed["optimizer"])
+    if ema is not None and resumed["ema"] is not None:
+        ema.shadow = {k: v.to(next(iter(params.values())).device) for k, v in resumed["ema"].items()}
+    if scaler is not None:
+        scaler.load_state_dict(resumed["scaler"])
+    torch.set_rng_state(resumed["torch_rng"])
+    return resumed["step"]
+
+
+def check_finite(loss: float, params: dict, step: int, last_good: Path | None, log: RunLog) -> None:
+    """The NaN guard: stop at a non-finite loss or gradient, before the optimizer step spreads it into the weights."""
+    if math.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None):
+        return
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    log.line(f"step {step} | non-finite loss or gradient ({loss}); stopping: {where}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise FloatingPointError(f"non-finite loss or gradient at step {step}; {where}")
+
+
+def batch_for(dataset, config: TrainConfig, step: int, micro: int) -> tuple[torch.Generator, dict]:
+    """Micro-batch `micro` of `step`: a pure function of (seed, step, micro), so resuming redraws the same batches."""
+    g = step_generator(config.seed, step, micro)
+    index = torch.randint(len(dataset), (config.batch_size,), generator=g)
+    items = [dataset[i] for i in index.tolist()]
+    dropped = torch.rand(len(items), generator=g) < config.proportion_empty_prompts
+    prompts = [config.empty_prompt if d else it["prompt"] for it, d in zip(items, dropped.tolist())]
+    return g, {"image": torch.stack([it["image"] for it in items]), "control": torch.stack([it["control"] for it in items]),
+               "prompt": prompts, "index": index, "dropped": dropped}
 
 
 def main(config: TrainConfig) -> dict:
     """Run the training loop; returns {"run": run folder, "losses": [...], "eval": last metrics}."""
-    # --- setup: threads, DDP, device, dtype -----------------------------------------------------------------------
-    if config.stage not in ("base", "control"):
-        raise ValueError(f"stage must be 'base' or 'control', got {config.stage!r}")
-    if config.unet not in UNETS or config.text_encoder not in TEXT_ENCODERS:
-        raise ValueError(f"unknown unet {config.unet!r} or text_encoder {config.text_encoder!r}; this trainer runs "
-                         f"the toy text encoders {sorted(TEXT_ENCODERS)} (SD1.5/SDXL weights: a later issue)")
+    # --- setup: checks, threads, DDP, device, dtype (nothing is written before every check has passed) -----------
+    check(config, names=NAMES)
+    resumed = read_resume(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -132,133 +113,54 @@ def main(config: TrainConfig) -> dict:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    torch.manual_seed(config.seed + rank)  # per-rank seed (module init is seeded identically below)
 
-    resumed = load_checkpoint(config.resume) if config.resume else None
-    if resumed:
-        changed = {k for k, v in cli.to_dict(config).items() if resumed["config"].get(k) != v} - RESUMABLE
-        if changed:
-            raise ValueError(f"--resume: these fields differ from the checkpoint's config: {sorted(changed)}")
+    # --- models and weights (the stage resolves the "auto" fields from the loaded model) ------------------------
+    torch.manual_seed(config.seed)  # identical initialisation on every rank
+    stage = build_stage(config)
+    config = stage.config
+    stage.to(device)
+    stage.pipe.unet.gradient_checkpointing = config.gradient_checkpointing
+    params = stage.trainable()
+    dataset = Fill50k(config.resolution, seed=config.dataset_seed) if config.dataset == "fill50k" else \
+        FolderDataset(config.dataset, config.resolution)
+    evals = eval_set(config)
+
+    # --- run folder and logs (rank 0) ---------------------------------------------------------------------------------
     run = Path(config.resume).parent.parent if resumed else None
     if rank == 0 and run is None:
-        run = make_run_dir(config.out_dir, config.experiment or ("toy_base" if config.stage == "base"
-                                                                  else f"toy_{config.ablation}"))
+        run = make_run_dir(config.out_dir, config.experiment or (config.ablation if config.stage == "control" else config.stage))
     log = RunLog(None if rank else run, write=tqdm.write)
     if rank == 0:
-        (log.run / "config.json").write_text(cli.dumps(config))
-    log.line(f"run {run} | {world} process(es) on {device} | stage {config.stage}")
+        (run / "config.json").write_text(cli.dumps(config))
+        for path in remove_stale_temp_files(run):
+            log.line(f"removed {path.name}, left by an interrupted checkpoint write")
+    total = sum(p.numel() for p in stage.parameters())
+    log.line(f"run {run} | {world} process(es) on {device} | stage {config.stage} | {config.pretrained}")
+    log.line(f"trainable {sum(p.numel() for p in params.values()):,} of {total:,} parameters ({len(params)} tensors)")
+    if config.cache_latents and config.dataset != "fill50k":
+        stage.cache = LatentCache.build(stage.pipe, dataset, run / "latent_cache.safetensors", config.empty_prompt,
+                                        config.clip_skip)
 
-    # --- models and weights -------------------------------------------------------------------------------------
-    torch.manual_seed(config.seed)  # identical initialisation on every rank
-    unet = UNet(UNETS[config.unet])
-    unet.gradient_checkpointing = config.gradient_checkpointing
-    text_encoder = ToyTextEncoder(TEXT_ENCODERS[config.text_encoder], VOCAB)
-    if config.base_weights:
-        base = read_state(config.base_weights)
-        load_into(unet, strip_prefix(base, "unet."), what=f"UNet from {config.base_weights}")
-        load_into(text_encoder, strip_prefix(base, "text_encoder."), what=f"text encoder from {config.base_weights}")
-    elif config.stage == "control":
-        raise ValueError("the control stage needs base_weights (a trained base: experiments/weights/)")
-    if config.stage == "base":
-        model = unet
-        groups = {"unet": dict(unet.named_parameters()), "text_encoder": dict(text_encoder.named_parameters())}
-        params = {f"{g}.{n}": p for g, named in groups.items() for n, p in named.items()}
-        param_groups = [{"params": list(params.values()), "lr": config.lr}]
-    else:
-        text_encoder.requires_grad_(False)
-        model = build_controlled_unet(config.ablation, unet, BRANCHES[config.branch], INJECTIONS[config.injection])
-        control = model.control_parameters()
-        unet_params = {f"unet.{n}": p for n, p in select_trainable(unet, config.trainable).items()}
-        params = {**control, **unet_params}
-        param_groups = [{"params": list(control.values()), "lr": config.control_lr},
-                        {"params": list(unet_params.values()), "lr": config.lr}]
-    model.to(device)
-    text_encoder.to(device)
-    ema = EMA(params, config.ema_decay) if config.ema_decay else None
-    log.line(f"trainable {sum(p.numel() for p in params.values()):,} of "
-             f"{sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in text_encoder.parameters()):,} "
-             f"parameters ({len(params)} tensors)")
-
-    # --- data --------------------------------------------------------------------------------------------------
-    schedule = ScheduleConfig(beta_schedule=config.beta_schedule, beta_start=config.beta_start, beta_end=config.beta_end,
-                              prediction_type=config.prediction_type, timestep_spacing=config.timestep_spacing,
-                              steps_offset=0)
-    alphas_cumprod = make_alphas_cumprod(schedule).to(device)
-    dataset = (Fill50k(config.resolution, seed=config.dataset_seed) if config.dataset == "fill50k"
-               else FolderDataset(config.dataset, config.resolution))
-    evals = [fill50k_example(i, config.resolution, config.eval_seed) for i in range(config.eval_count)]
-
-    def batch_for(step: int, micro: int) -> tuple[torch.Generator, dict]:
-        g = step_generator(config.seed, step, micro)
-        items = [dataset[i] for i in torch.randint(len(dataset), (config.batch_size,), generator=g).tolist()]
-        prompts = [config.empty_prompt if drop else it["prompt"] for it, drop in
-                   zip(items, (torch.rand(len(items), generator=g) < config.proportion_empty_prompts).tolist())]
-        return g, {"image": torch.stack([it["image"] for it in items]), "prompt": prompts,
-                   "control": torch.stack([it["control"] for it in items])}
-
-    # --- optimizer ---------------------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(param_groups, betas=config.adam_betas, eps=config.adam_eps,
+    # --- optimizer ------------------------------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(stage.param_groups(), betas=config.adam_betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    start = 0
-    if resumed:
-        if resumed["params"].keys() != params.keys():
-            raise ValueError(f"--resume: the checkpoint's tensors do not match this run's trainable ones: "
-                             f"{sorted(resumed['params'].keys() ^ params.keys())[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(resumed["params"][name])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if ema is not None and resumed["ema"] is not None:
-            ema.shadow = {k: v.to(device) for k, v in resumed["ema"].items()}
-        if scaler is not None:
-            scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["torch_rng"])
-        start = resumed["step"]
-        log.line(f"resumed from {config.resume} at step {start}")
+    ema = EMA(params, config.ema_decay) if config.ema_decay else None
+    start = restore(resumed, params, optimizer, ema, scaler) if resumed else 0
+    net = DistributedDataParallel(stage, device_ids=[device.index] if use_cuda else None) if distributed else stage
+    log.resume_at(start)  # a resumed run keeps its metric rows up to the checkpoint
 
-    @torch.no_grad()
-    def evaluate(step: int) -> dict:
-        model.eval()
-        prompts = [e["prompt"] for e in evals]
-        context = text_encoder(prompts)
-        uncond = text_encoder([config.empty_prompt] * len(prompts))
-        controls = torch.stack([torch.from_numpy(e["control"]).permute(2, 0, 1).float() / 255 for e in evals]).to(device)
-        denoiser = cfg_denoiser(model, schedule, context, uncond, config.guidance_scale,
-                                None if config.stage == "base" else controls, config.control_scale,
-                                INJECTIONS[config.injection].control_uncond)
-        f, r = config.latent_factor, config.resolution
-        latents = generate(denoiser, (len(evals), 3 * f * f, r // f, r // f), schedule, config.sampler,
-                           config.sampling_steps, torch.Generator().manual_seed(config.eval_seed), device)
-        images = decode_pixels(latents, f).cpu()
-        metrics = fill50k_metrics(images, torch.from_numpy(np.stack([e["disc"] for e in evals])),
-                                  [e["circle_rgb"] for e in evals], [e["background_rgb"] for e in evals])
-        save_grid(log.run / "samples" / f"step_{step:06d}.png", controls[:16].cpu(), images[:16])
-        model.train()
+    def log_eval(step: int) -> dict:  # the fixed held-out set, fixed noise: curves comparable across runs
+        metrics, controls, images = stage.evaluate(evals, torch.Generator().manual_seed(config.eval_seed))
+        log.eval(step, metrics, controls, images)
         return metrics
 
-    history = {"loss": [], "iou": [], "palette_error": []}  # for plot.png; a resumed run keeps its rows up to `start`
-    if resumed and rank == 0:
-        rows = [r for r in log.read_rows() if r["step"] <= start]
-        log.rewrite_rows(rows)  # drop rows a stopped run logged after its last checkpoint
-        for name in history:
-            history[name] = [(r["step"], r[name]) for r in rows if name in r]
-
-    def log_eval(step: int) -> dict:
-        metrics = evaluate(step)
-        log.row(step=step, **metrics)
-        history["iou"].append((step, metrics["iou"]))
-        history["palette_error"].append((step, metrics["palette_error"]))
-        log.line(f"step {step} | eval | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        save_plot(log.run / "plot.png", history)
-        return metrics
-
-    # --- loop --------------------------------------------------------------------------------------------------
-    model.train()
+    # --- loop -------------------------------------------------------------------------------------------------------
     losses, metrics, last_good = [], {}, (Path(config.resume) if resumed else None)
     if rank == 0 and start == 0 and config.eval_every:  # where training starts from (zero_conv: the base exactly)
         metrics = log_eval(0)
+    stage.train()
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, disable=rank or not config.progress)
     tic = time.time()
     for step in bar:
@@ -266,40 +168,20 @@ def main(config: TrainConfig) -> dict:
             group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, config.warmup_steps))
         step_loss = 0.0
         for k in range(config.grad_accum):
-            g, batch = batch_for(step, rank * config.grad_accum + k)
-            x0 = encode_pixels(batch["image"].to(device), config.latent_factor)  # (B, 3 f^2, H/f, W/f)
-            x_t, t, target = sd_training_noise(x0.cpu(), alphas_cumprod.cpu(), config.prediction_type, generator=g)
-            x_t, t, target = x_t.to(device), t.to(device), target.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                with torch.set_grad_enabled(config.stage == "base"):
-                    context = text_encoder(batch["prompt"])  # (B, L, D)
-                if config.stage == "base":
-                    pred = model(x_t, t, context)
-                else:
-                    pred = model(x_t, t, context, batch["control"].to(device), scale=config.control_scale)
-            err = (pred.float() - target).square()  # (B, C, h, w)
-            weight = loss_weight_map(batch["control"], config.loss_weight_control, config.latent_factor)
-            loss = (err * weight.to(device)).mean() if weight is not None else err.mean()
-            if step == config.inject_nan_at:
-                loss = loss * float("nan")
-            (scaler.scale(loss / config.grad_accum) if scaler else loss / config.grad_accum).backward()
+            g, batch = batch_for(dataset, config, step, rank * config.grad_accum + k)
+            sync = not distributed or k == config.grad_accum - 1  # DDP averages gradients on the last micro-batch only
+            with (net.no_sync() if not sync else torch.enable_grad()):
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = net(batch, g)
+                (scaler.scale(loss / config.grad_accum) if scaler else loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-        grads = [p.grad for p in params.values() if p.grad is not None]
-        if distributed:  # data parallel: average the gradients over ranks (what DDP does, without bucketing)
-            for grad in grads:
-                dist.all_reduce(grad)
-                grad /= world
-            step_loss = torch.tensor(step_loss).to(device)
+        if distributed:  # the logged loss is the mean over ranks; the gradients were averaged by DDP
+            step_loss = torch.tensor(step_loss, device=device)
             dist.all_reduce(step_loss)
             step_loss = step_loss.item() / world
         if scaler:
             scaler.unscale_(optimizer)
-        if not math.isfinite(step_loss) or not all(torch.isfinite(g_).all() for g_ in grads):  # the NaN guard
-            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-            log.line(f"step {step + 1} | non-finite loss or gradient ({step_loss}); stopping: {where}")
-            if distributed:
-                dist.destroy_process_group()
-            raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}; {where}")
+        check_finite(step_loss, params, step + 1, last_good, log)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
         (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
@@ -308,25 +190,28 @@ def main(config: TrainConfig) -> dict:
             ema.update(params)
         losses.append(step_loss)
         done = step + 1
-
         if rank == 0:
             log.row(step=done, loss=step_loss, lr=optimizer.param_groups[0]["lr"])
-            history["loss"].append((done, step_loss))
             if done % config.log_every == 0 or done == config.max_steps:
                 rate = (done - start) / (time.time() - tic)
                 mem = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GB" if device.type == "cuda" else ""
                 log.line(f"step {done} | loss {step_loss:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
                          f"{rate:.2f} it/s{mem}")
+            if done % config.save_every == 0 or done == config.max_steps:  # before the eval: an eval error loses nothing
+                last_good = save_checkpoint(run, done, params, ema, optimizer, scaler, cli.to_dict(config))
             if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
+                stage.eval()
                 metrics = log_eval(done)
-            if done % config.save_every == 0 or done == config.max_steps:
-                last_good = save_checkpoint(log.run, done, params, ema, optimizer, scaler, cli.to_dict(config))
+                stage.train()
 
-    # --- save --------------------------------------------------------------------------------------------------
-    if rank == 0 and config.stage == "base":  # the base weights file: EMA (or live) UNet + text encoder
-        final = ema.shadow if ema is not None else {k: p.detach() for k, p in params.items()}
-        save_state({k: v.float().contiguous().cpu() for k, v in final.items()}, log.run / "base_weights.safetensors")
-        log.line(f"wrote {log.run / 'base_weights.safetensors'}")
+    # --- save ---------------------------------------------------------------------------------------------------------
+    if rank == 0 and config.stage != "control":  # a base or VAE stage: the whole pipeline as one single file
+        if ema is not None:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(ema.shadow[name])
+        stage.pipe.save(run / "model.safetensors", layout="original")
+        log.line(f"wrote {run / 'model.safetensors'} (EMA weights) and its tokenizer/")
     if rank == 0:
         log.line(f"done: {config.max_steps - start} steps in {time.time() - tic:.0f} s")
     if distributed:
@@ -335,9 +220,12 @@ def main(config: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    import train  # experiment files import `train.TrainConfig`; use that class, not this __main__ copy of it
-    config, dry_run = cli.parse_args(train.TrainConfig, sys.argv[1:])
-    if dry_run:
-        print(cli.dumps(config))
-        sys.exit(0)
-    train.main(config)
+    try:
+        config, dry_run = cli.parse_args(TrainConfig, sys.argv[1:])
+        if dry_run:
+            check(config, names=NAMES)
+            print(cli.dumps(config))
+            sys.exit(0)
+        main(config)
+    except ValueError as e:  # bad input: one clear line, no traceback (STYLE.md §10)
+        sys.exit(f"train.py: {e}")

@@ -92,6 +92,16 @@ def read_state(source: str | Path | Mapping[str, Tensor]) -> StateDict:
     return read_folder(source) if Path(source).is_dir() else read_file(source)
 
 
+def read_torch(path: str | Path) -> object:
+    """A torch.save file read with weights_only=True; one clear error if it cannot be (never a hint to unpickle)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, EOF and unpickling errors all mean the same thing here
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path}: truncated, corrupt or not a weights-only torch file "
+                         f"({type(e).__name__}: {reason})") from None
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file ({} for other files or none)."""
     path = Path(path)

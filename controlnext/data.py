@@ -24,6 +24,8 @@ import torch
 from PIL import Image, ImageColor, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from encoders.tokenizer import CLIPTokenizer, learn_bpe
+
 # --- colours and prompts ---------------------------------------------------------------------------------------------
 
 # The CSS named colours with their words split the way the fill50k prompts write them (observed: "pale golden rod",
@@ -50,6 +52,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
 PROMPT_TEMPLATE = "{circle} circle with {background} background"  # fill50k.md "Prompt"
 # Every word of the fill50k prompts: the toy text encoder's vocabulary (encoders/toy_text.py).
 VOCAB = tuple(sorted({w for name in COLOR_WORDS for w in name.split()} | {"circle", "with", "background"}))
+
+
+
+def fill50k_tokenizer() -> CLIPTokenizer:
+    """The miniature models' CLIP tokenizer: byte-level BPE learned on the fill50k prompt words until every word is one
+    token (339 merges, 853 ids, eos = 852), in the real vocab.json + merges.txt format (encoders/tokenizer.py)."""
+    return learn_bpe(list(VOCAB), num_merges=10_000)
+
 
 # Geometry at 512 px (fill50k.md "Geometry"); everything scales with size / 512.
 CENTER_RANGE = (96, 416)  # centre coordinate, uniform integer, each axis
@@ -169,12 +179,24 @@ def check_size(size: int) -> None:
         raise ValueError(f"resolution must be a positive multiple of 8 (the latent stride), got {size}")
 
 
+def to_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB from any PIL mode: grey/RGBA/palette convert as PIL does; 16-bit grey (I;16*, e.g. depth maps) is
+    scaled by 255/65535 (PIL's own RGB conversion clips it to white); 32-bit int/float grey is ambiguous: refused."""
+    if im.mode.startswith("I;16"):
+        grey = (np.asarray(im, dtype=np.float64) * (255 / 65535)).round().astype(np.uint8)  # (H, W)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode in ("I", "F"):
+        raise ValueError(f"{path}: a {im.mode!r} (32-bit) image has no fixed value range; save it as 8- or 16-bit")
+    return im.convert("RGB")
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Any PIL-readable image -> (size, size, 3) uint8: RGB (grey/RGBA/palette converted), shorter side resized
-    to `size` (bilinear), centre-cropped (controlnext.md §4.1)."""
+    """Any PIL-readable image -> (size, size, 3) uint8: RGB (grey/RGBA/palette/16-bit grey converted), shorter side
+    resized to `size` (bilinear), centre-cropped (controlnext.md §4.1)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")  # grayscale, RGBA and palette images are converted, not rejected
+            im.load()
+            im = to_rgb(im, path)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     w, h = im.size
@@ -198,7 +220,11 @@ class FolderDataset(Dataset):
         index_file = self.root / found[0]
         target_key, control_key, prompt_key = LAYOUTS[found[0]]
         self.items = []
-        for n, line in enumerate(index_file.read_text().splitlines(), start=1):
+        for n, raw in enumerate(index_file.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{index_file}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -32,12 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from controlnext import cli
-from controlnext.checkpoint import load_clip, load_unet, load_vae, read_metadata, read_state
+from controlnext.checkpoint import (ORIGINAL_UNET_PREFIX, ORIGINAL_VAE_PREFIX, KeyMap, load_clip, load_unet, load_vae,
+                                    read_metadata, read_state, save_state)
 from encoders.clip import CLIP_L, OPENCLIP_BIGG_TEXT, OPENCLIP_H_TEXT, CLIPConfig, CLIPTextModel, build_clip
 from encoders.tokenizer import EOS, CLIPTokenizer
 from controlnext.pipeline import cfg_denoiser, generate
 from schedulers.sigmas import ScheduleConfig
+from unet.keymap import unet_original_rows
 from unet.sd_unet import SD15, SD21, SDXL, UNet, UNetConfig, sdxl_vector
+from vae.keymap import SD_VAE_ROWS
 from vae.autoencoder import SD as SD_VAE, SDXL as SDXL_VAE, AutoencoderKL, VAEConfig
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -105,6 +108,26 @@ SD15_CONFIG = SDConfig("sd1", SD15, SD_VAE, (CLIP_L,), ScheduleConfig())
 SD21_CONFIG = SDConfig("sd2", SD21, SD_VAE, (OPENCLIP_H_TEXT,), ScheduleConfig(prediction_type="v_prediction"))
 SDXL_CONFIG = SDConfig("sdxl", SDXL, SDXL_VAE, (CLIP_L, OPENCLIP_BIGG_TEXT), ScheduleConfig(), zero_empty_negative=True)
 RELEASED = {"sd1": SD15_CONFIG, "sd2": SD21_CONFIG, "sdxl": SDXL_CONFIG}
+# The miniature SD1.5 the main job runs on (experiments/weights/; issue 14): SD1.5's structure (4 levels, attention at
+# 0-2, 2 ResBlocks per level, 1x1-conv projections, CLIP-L-style text tower with quick-GELU) at CPU widths, its VAE
+# 8x down / 4 latent channels like SD's, and SD1.5's schedule. The text tower's vocabulary is the fill50k tokenizer
+# (controlnext/data.py fill50k_tokenizer: 853 ids, the last one eos).
+MINI_SD15 = SDConfig(
+    "sd1",
+    UNetConfig(channels=(32, 64, 64, 64), heads=(2, 4, 4, 4), context_dim=64, groups=16),
+    VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=16),
+    (CLIPConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=853,
+                eos_token_id=852),),
+    ScheduleConfig())
+# The same structure at test sizes: trains a step in well under a second on CPU (tests/test_train.py).
+TINY_SD15 = SDConfig(
+    "sd1",
+    UNetConfig(channels=(16, 32, 32, 32), heads=(2, 2, 2, 2), context_dim=32, groups=8),
+    VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8),
+    (CLIPConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=853,
+                eos_token_id=852),),
+    ScheduleConfig())
+PRESETS = {"mini_sd15": MINI_SD15, "tiny_sd15": TINY_SD15}
 
 
 class StableDiffusion(nn.Module):
@@ -128,7 +151,6 @@ class StableDiffusion(nn.Module):
         return cls(config, UNet(config.unet), AutoencoderKL(config.vae), towers, tokenizers)
 
     # --- conditioning ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, prompts: list[str], clip_skip: int = 0, zero_empty: bool = False
                       ) -> tuple[Tensor, Tensor | None]:
         """Prompts -> (context (B, 77, D), pooled (B, P) for SDXL else None), as each family's conditioner does.
@@ -137,6 +159,7 @@ class StableDiffusion(nn.Module):
         penultimate layer + ln_final). SDXL: both towers' penultimate layer without LayerNorm, concatenated, and the
         bigG tower's projected pooled output. clip_skip (diffusers' convention; A1111's "clip skip 2" is 1) steps back
         that many more layers. zero_empty: an empty prompt gives zeros (SDXL's force_zeros_for_empty_prompt).
+        Gradients flow when enabled (training a text encoder); callers that do not train one wrap it in no_grad.
         """
         device = next(self.text_encoders.parameters()).device
         contexts, pooled = [], None
@@ -173,6 +196,23 @@ class StableDiffusion(nn.Module):
     def decode_latents(self, latents: Tensor) -> Tensor:
         """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in [-1, 1] (not clamped)."""
         return self.vae.decode_latent(latents)
+
+    # --- export -----------------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, layout: str = "original") -> None:
+        """"original": one .safetensors in the LDM/SGM single-file layout (what A1111 and ComfyUI load), the config in
+        its metadata, the tokenizer in a tokenizer/ folder beside it."""
+        path = Path(path)
+        if layout != "original":
+            raise ValueError(f"unknown layout {layout!r} (expected 'original')")
+        if self.config.family != "sd1":
+            raise ValueError(f"original-layout export of {self.config.family} text towers is not available")
+        unet, _ = KeyMap(unet_original_rows(self.config.unet)).inverse().apply(self.unet.state_dict())
+        vae, _ = KeyMap(SD_VAE_ROWS).inverse().apply(self.vae.state_dict())
+        state = {**{ORIGINAL_UNET_PREFIX + k: v for k, v in unet.items()},
+                 **{ORIGINAL_VAE_PREFIX + k: v for k, v in vae.items()},
+                 **{TEXT_PREFIXES["sd1"][0] + k: v for k, v in self.text_encoders[0].state_dict().items()}}
+        save_state(state, path, metadata={METADATA_KEY: config_to_json(self.config)})
+        self.tokenizers[0].save(path.parent / "tokenizer")
 
 
 # --- loading -----------------------------------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 Purpose: reproduce "converges in about a thousand steps" (ControlNeXt-SD1.5-Training README) with our code.
 Command:  python -m controlnext.data --out data/fill50k --count 50000 --size 512
-          torchrun --nproc_per_node=4 train.py experiments/sd15_fill50k.py --base_weights=<SD1.5 UNet file>
-Status:   dry-run only here (`python train.py experiments/sd15_fill50k.py --dry_run`): loading SD1.5 with its VAE and
-          CLIP text encoder in train.py is a later issue; this file fixes the recipe's numbers until then.
+          torchrun --nproc_per_node=4 train.py experiments/sd15_fill50k.py \
+              --pretrained=v1-5-pruned-emaonly.safetensors --tokenizer=<folder with vocab.json + merges.txt>
+          (or --pretrained=<a diffusers stable-diffusion-v1-5 folder>, which carries its tokenizer)
+Cost:     see README "Train on real weights" (memory and time per step measured there).
 Expected: held-out fill IoU >= 0.8 within ~1k steps at 4 GPUs x batch 6.
 """
 
-from train import TrainConfig
+from controlnext.config import TrainConfig
 
 config = TrainConfig(
     experiment="sd15_fill50k",
@@ -18,15 +19,7 @@ config = TrainConfig(
     injection="sd15_train",          # after down_blocks[0], pool then cross-normalise, eps 1e-12
     branch="g2",                     # 3,526,400 parameters, 320 output channels
     control_scale=1.0,               # training k (the README samples at 0.35)
-    unet="sd15",
-    text_encoder="clip_l",           # CLIP ViT-L/14 text tower (encoders/clip.py): not wired into train.py yet
-    base_weights="",                 # the SD1.5 UNet file
-    latent_factor=8,                 # SD VAE stride
-    beta_schedule="scaled_linear",   # SD1.5 DDPM schedule, epsilon prediction
-    beta_start=0.00085,
-    beta_end=0.012,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
+    pretrained="",                   # the SD1.5 single file or diffusers folder: given on the command line
     dataset="data/fill50k",          # written by `python -m controlnext.data`
     resolution=512,
     proportion_empty_prompts=0.0,    # official default
@@ -41,6 +34,7 @@ config = TrainConfig(
     ema_decay=0.0,
     mixed_precision="fp16",          # with fp32 master weights (the official code updates fp16 weights)
     gradient_checkpointing=True,
+    cache_latents=True,              # 50k images re-read every epoch: encode each once
     eval_every=400,                  # the official increments are saved every 400 steps
     save_every=400,
     sampler="unipc",                 # official pipeline: UniPC, 20 steps

@@ -1,0 +1,229 @@
+"""train.py end to end on tiny Stable Diffusion checkpoints in the real layouts (an SD1.5-structured original single
+file written by our exporter, and SD1.5/SDXL diffusers folders written by diffusers): every ablation trains, the
+official recipe resolves per family, resume is exact, 2-process DDP equals one process accumulating the same
+micro-batches, the NaN guard trips, the latent cache changes nothing, bad inputs fail before anything is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from controlnext import cli
+from controlnext.ablations import ABLATIONS
+from controlnext.checkpoint import read_state
+from controlnext.config import TrainConfig
+from controlnext.data import fill50k_tokenizer, write_fill50k
+from controlnext.runs import EMA, load_checkpoint
+from controlnext.sd_pipeline import PRESETS, StableDiffusion, load_sd
+from controlnext.stages import ControlStage
+from tests.sd_fixtures import tiny_sd15, tiny_sdxl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory) -> str:
+    """A random tiny SD1.5-structured pipeline as one original-layout single file (+ tokenizer/ beside it)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny_sd15.safetensors"
+    StableDiffusion.random(PRESETS["tiny_sd15"], fill50k_tokenizer()).save(path)
+    return str(path)
+
+
+def smoke(pretrained: str, out: Path, **overrides) -> TrainConfig:
+    small = dict(pretrained=pretrained, out_dir=str(out), batch_size=2, max_steps=2, eval_every=0, eval_count=2,
+                 sampling_steps=2, save_every=1000, progress=False, num_threads=1, warmup_steps=1)
+    return dataclasses.replace(TrainConfig(), **(small | overrides))
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_each_ablation_trains(tiny_file, tmp_path, ablation):
+    result = train.main(smoke(tiny_file, tmp_path, ablation=ablation))
+    run = Path(result["run"])
+    assert len(result["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in result["losses"])
+    assert {"iou", "color_error_in"} <= set(result["eval"])
+    for name in ("config.json", "log.txt", "metrics.jsonl", "plot.png", "samples/step_000002.png",
+                 "checkpoints/step_000002.safetensors", "checkpoints/step_000002_ema.safetensors",
+                 "checkpoints/step_000002.pt"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert (config["injection"], config["trainable"], config["branch"]) == ("sd15_train", "to_out", "tiny")  # resolved
+    trained = read_state(run / "checkpoints" / "step_000002.safetensors")
+    unet_keys = [k for k in trained if k.startswith("unet.")]
+    assert len(trained) > len(unet_keys) and all(".to_out." in k for k in unet_keys)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_diffusers_folders_train_with_their_family_recipe(tmp_path, family):
+    folder = (tiny_sd15 if family == "sd15" else tiny_sdxl)(tmp_path / family)
+    result = train.main(smoke(str(folder), tmp_path / "runs", ablation="cross_norm"))
+    config = json.loads((Path(result["run"]) / "config.json").read_text())
+    expected = ("sd15_train", "to_out") if family == "sd15" else ("sdxl", "attn2_to_out")  # controlnext.md §3
+    assert (config["injection"], config["trainable"]) == expected
+    assert all(math.isfinite(x) for x in result["losses"])
+    keys = read_state(Path(result["run"]) / "checkpoints" / "step_000002.safetensors")
+    if family == "sdxl":
+        assert all("attn2" in k for k in keys if k.startswith("unet."))
+
+
+def test_resume_is_exact(tiny_file, tmp_path):
+    straight = train.main(smoke(tiny_file, tmp_path / "a", max_steps=4))
+    half = train.main(smoke(tiny_file, tmp_path / "b", max_steps=2))
+    ckpt = Path(half["run"]) / "checkpoints" / "step_000002.pt"
+    rest = train.main(smoke(tiny_file, tmp_path / "b", max_steps=4, resume=str(ckpt)))
+    # Same process, same kernels, same batch sizes: the resumed run must be bit-identical to the straight one.
+    assert half["losses"] + rest["losses"] == straight["losses"]
+    assert Path(rest["run"]) == Path(half["run"])
+    a = load_checkpoint(Path(straight["run"]) / "checkpoints" / "step_000004.pt")
+    b = load_checkpoint(Path(rest["run"]) / "checkpoints" / "step_000004.pt")
+    for key in ("params", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert [r["loss"] for r in rows(Path(rest["run"])) if "loss" in r] == straight["losses"]
+    with pytest.raises(ValueError, match="differ from the checkpoint"):
+        train.main(smoke(tiny_file, tmp_path / "b", max_steps=4, lr=1.0, resume=str(ckpt)))
+    with pytest.raises(ValueError, match="below the checkpoint's step"):
+        train.main(smoke(tiny_file, tmp_path / "b", max_steps=1, resume=str(ckpt)))
+
+
+def test_resume_survives_a_torn_metrics_line_and_stale_temp_files(tiny_file, tmp_path):
+    half = train.main(smoke(tiny_file, tmp_path, max_steps=2, save_every=1))
+    run = Path(half["run"])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill in the middle of a row
+    (run / "checkpoints" / ".tmpab12cd").write_bytes(b"x")  # safetensors' own temp file
+    (run / "checkpoints" / ".step_000003.pt.k2j4.tmp").write_bytes(b"")  # ours
+    rest = train.main(smoke(tiny_file, tmp_path, max_steps=3, resume=str(run / "checkpoints" / "step_000002.pt")))
+    assert len(rest["losses"]) == 1
+    assert not list((run / "checkpoints").glob(".*"))
+    assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2, 3]
+
+
+def test_two_process_ddp_equals_gradient_accumulation(tiny_file, tmp_path):
+    """torchrun 2 ranks x 1 micro-batch == 1 process x 2 micro-batches (rank r draws micro-batch r): DDP averages the
+    gradients as accumulation does. Different reduction order and batch kernels: a float tolerance, not bitwise."""
+    args = ["train.py", f"--pretrained={tiny_file}", "--batch_size=2", "--max_steps=2", "--eval_every=0",
+            "--eval_count=1", "--sampling_steps=1", "--progress=False", "--num_threads=1", "--warmup_steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", *args,
+                    f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, env=env, check=True, capture_output=True)
+    single = train.main(smoke(tiny_file, tmp_path / "one", grad_accum=2, eval_count=1, sampling_steps=1))
+    ddp_run = next((tmp_path / "ddp").iterdir())
+    a = read_state(ddp_run / "checkpoints" / "step_000002.safetensors")
+    b = read_state(Path(single["run"]) / "checkpoints" / "step_000002.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert [r["loss"] for r in rows(ddp_run) if "loss" in r] == pytest.approx(single["losses"], rel=1e-5)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny_file, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = ControlStage.forward
+
+    def poisoned(self, batch, generator):  # the 3rd step's loss is NaN
+        calls["n"] += 1
+        loss = forward(self, batch, generator)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(ControlStage, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="step_000002.pt"):
+        train.main(smoke(tiny_file, tmp_path, max_steps=4, save_every=1))
+    run = next(tmp_path.iterdir())
+    assert (run / "checkpoints" / "step_000002.pt").is_file() and not (run / "checkpoints" / "step_000003.pt").exists()
+    assert "non-finite" in (run / "log.txt").read_text()
+
+
+def test_final_checkpoint_is_written_before_the_final_evaluation(tiny_file, tmp_path, monkeypatch):
+    def broken(self, evals, generator):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(ControlStage, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train.main(smoke(tiny_file, tmp_path, max_steps=2))
+    assert (next(tmp_path.iterdir()) / "checkpoints" / "step_000002.pt").is_file()
+
+
+def test_latent_cache_gives_the_same_losses(tiny_file, tmp_path):
+    data = tmp_path / "data"
+    write_fill50k(data, count=6, size=64)
+    plain = train.main(smoke(tiny_file, tmp_path / "a", dataset=str(data), max_steps=3))
+    cached = train.main(smoke(tiny_file, tmp_path / "b", dataset=str(data), max_steps=3, cache_latents=True))
+    assert (Path(cached["run"]) / "latent_cache.safetensors").is_file()
+    # The cache stores the posterior (mean, std) computed at batch 16 instead of per batch: same draws, fp32 rounding.
+    assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+
+
+def test_vae_and_base_stages_write_a_loadable_single_file(tmp_path):
+    vae_run = Path(train.main(smoke("", tmp_path, stage="vae", model="tiny_sd15", max_steps=1))["run"])
+    base_run = Path(train.main(smoke(str(vae_run / "model.safetensors"), tmp_path, stage="base", model="tiny_sd15",
+                                     max_steps=1))["run"])
+    pipe = load_sd(base_run / "model.safetensors")  # the tokenizer/ beside it is found
+    assert pipe.config == PRESETS["tiny_sd15"]
+    trained_vae = read_state(vae_run / "model.safetensors")
+    shipped = read_state(base_run / "model.safetensors")
+    vae_keys = [k for k in shipped if k.startswith("first_stage_model.")]
+    assert vae_keys and all(torch.equal(shipped[k], trained_vae[k]) for k in vae_keys)  # the VAE stayed frozen
+
+
+def test_ema_follows_its_closed_form():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"p": p}, decay=0.9)
+    values = [1.0, 2.0, 4.0]
+    for v in values:
+        p.data.fill_(v)
+        ema.update({"p": p})
+    expected = sum(0.1 * 0.9 ** (len(values) - 1 - i) * v for i, v in enumerate(values))  # 0.1 * sum 0.9^k v
+    torch.testing.assert_close(ema.shadow["p"], torch.full((3,), expected), atol=1e-6, rtol=0)
+
+
+BAD = [("sampler", "bogus", "--sampler='bogus'"), ("ablation", "bogus", "--ablation='bogus'"),
+       ("trainable", "bogus", "--trainable='bogus'"), ("mixed_precision", "bogus", "--mixed_precision"),
+       ("batch_size", 0, "--batch_size=0"), ("lr", -1.0, "--lr=-1.0"), ("resolution", 60, "--resolution=60"),
+       ("device", "cuda", "--device=cuda"), ("dataset", "/nonexistent", "--dataset=/nonexistent"),
+       ("pretrained", "/nonexistent.safetensors", "--pretrained=/nonexistent")]
+
+
+@pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_settings_fail_before_anything_is_written(tiny_file, tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")) as e:
+        train.main(smoke(tiny_file, tmp_path / "runs", **{field: value}) if field != "pretrained" else
+                   smoke(value, tmp_path / "runs"))
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # checked first, run folder after
+
+
+def test_command_line_errors_are_one_line_without_traceback(tiny_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv, message in ((["--sampler=bogus"], "--sampler='bogus'"), (["--bogus=1"], "unknown option --bogus")):
+        result = subprocess.run([sys.executable, "train.py", f"--pretrained={tiny_file}", f"--out_dir={tmp_path}", *argv],
+                                cwd=ROOT, capture_output=True, text=True, env=env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_from_an_unreadable_checkpoint_says_so(tiny_file, tmp_path):
+    for content in (b"", b"\x00" * 100, os.urandom(300)):
+        bad = tmp_path / "step_000001.pt"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match="cannot read checkpoint") as e:
+            train.main(smoke(tiny_file, tmp_path, resume=str(bad)))
+        assert "weights_only=False" not in str(e.value)
+
+
+def test_experiment_file_and_overrides_round_trip_through_json():
+    config, dry_run = cli.parse_args(TrainConfig, ["experiments/sd15_fill50k.py", "--lr=2e-5", "--dry_run"])
+    assert dry_run and config.lr == 2e-5 and config.experiment == "sd15_fill50k"
+    assert cli.from_dict(TrainConfig, json.loads(cli.dumps(config))) == config
