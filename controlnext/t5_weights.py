@@ -13,8 +13,6 @@ Config: the folder's config.json, else `config` (a T5Config or a preset name), e
 dtype: the stored one (the floating dtype holding most elements) unless `dtype` is given; in fp16 the FF output
 projections `wo` stay fp32, as transformers loads T5 (encoders/t5.py, T5Encoder.cast). float8 files (the fp8 T5 of
 sd3_medium_incl_clips_t5xxlfp8) store but do not compute: they need dtype=.
-T5-less SD3 (diffusers: text_encoder_3=None) puts zeros of shape (B, SD3_MAX_LENGTH = 256, d_model = 4096) where the
-T5 tokens would be; the constants are encoders.t5_tokenizer.SD3_MAX_LENGTH and encoders.t5.T5_XXL.d_model.
 Reference for the layouts: transformers@v5.23 `T5EncoderModel` (save_pretrained writes `shared.weight` only) and
 diffusers@0.42 `loaders/single_file_utils.py` (`is_t5_in_single_file`, `convert_sd3_t5_checkpoint_to_diffusers`).
 Left out: writing T5 files (our state dict already is the transformers layout), and downloads of any kind.

@@ -17,8 +17,11 @@ counts the embedding once, as transformers' own count does (4,762,310,656 for T5
 fp16: T5's feed-forward outputs overflow fp16 (max 65504). transformers keeps every `wo` (the FF output projection)
 in fp32 when it loads a T5 in fp16 (`_keep_in_fp32_modules = ["wo"]`; not for bf16), and casts its input up to it;
 the fp32 FF output then turns the residual stream fp32 from the first block on. `T5Encoder.cast` does the same, and
-the loader uses it. transformers' extra clamp of fp16 hidden states to +-65504 is left out: after the first FF the
-stream is fp32, and before it the values are finite.
+the loader uses it. transformers' extra clamp of fp16 hidden states to +-65504 (which only acts on values that are
+already inf) is left out: from the first FF on, the stream is fp32.
+T5-less SD3 (diffusers `text_encoder_3=None`) puts zeros where the T5 tokens would be: (B, SD3_MAX_LENGTH, d_model),
+with SD3_MAX_LENGTH = 256 in encoders/t5_tokenizer.py and d_model = T5_XXL.d_model = 4096 (the MMDiT's
+joint_attention_dim); building them is the pipeline's job.
 Left out: the decoder, the LM head, dropout (0 at inference and in v1.1 pre-training), the original T5's ReLU
 feed-forward (v1.0; config_from_hf rejects it), incremental decoding caches and gradient checkpointing (the encoder
 stays frozen).

@@ -1,6 +1,6 @@
 """T5's SentencePiece tokenizer, as SD3 uses it: prompt -> (B, max_length) ids and mask for encoders/t5.py.
 
-T5 (Raffel et al. 2020 §2.2) tokenizes with a 32,000-piece SentencePiece unigram model (Kudo & Richardson 2018),
+T5 (Raffel et al. 2020 §3.1.3) tokenizes with a 32,000-piece SentencePiece unigram model (Kudo & Richardson 2018),
 `spiece.model` (tokenizer_3/ of a diffusers SD3 folder, google/t5-v1_1-*). Its fixed ids: <pad> 0, </s> 1, <unk> 2;
 no bos. The model file does the text normalisation itself (NFKC-based `nmt_nfkc` rules, whitespace runs folded, a
 "▁" word prefix), so the pieces come from the `sentencepiece` package, which reads that file exactly.
@@ -11,7 +11,7 @@ padding="max_length", max_length=256, truncation=True)`; the encoder then sees a
 (no mask). We reproduce transformers' T5Tokenizer / T5TokenizerFast (in transformers 5 one class, backed by the
 `tokenizers` conversion of the same spiece.model) on top of the SentencePiece pieces:
 - the special tokens typed literally in a prompt (`</s>`, `<pad>`, `<unk>`, the sentinels `<extra_id_0>` ...
-  `<extra_id_99>`) become their ids; the text between them is tokenized piece by piece, each with its own "▁" prefix;
+  `<extra_id_99>`) become their ids; each stretch of text between them is encoded on its own (its own "▁" prefix);
 - the sentinels take the ids after the SentencePiece vocabulary, in reverse: `<extra_id_0>` is the last (32099);
 - truncation keeps the first max_length - 1 ids, then </s> is appended; padding appends <pad> (0) to max_length.
 The mask is 1 on the ids and the </s>, 0 on the padding (a literal "<pad>" in a prompt is a token: mask 1).

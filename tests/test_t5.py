@@ -96,7 +96,12 @@ def test_parameter_counts_at_full_size():
     released = hf_config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
     with torch.device("meta"):
         reference = transformers.T5EncoderModel(released)
+        ours = T5Encoder(T5_XXL)
     assert reference.num_parameters() == count_parameters(T5_XXL)  # transformers counts the tied embedding once
+    # the full-size key table: ours is transformers' on-disk layout (save_pretrained drops the tied alias)
+    on_disk = {k: v.shape for k, v in reference.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == on_disk
+    assert len(on_disk) == 219  # 24 blocks x 9 tensors + the bucket table, the final norm and the embedding
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,7 +224,8 @@ def test_bad_input_gives_one_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tokenizer: a tiny SentencePiece unigram model, ours against transformers' T5Tokenizer (= T5TokenizerFast in v5)
+# Tokenizer: a tiny SentencePiece unigram model, ours against transformers' T5Tokenizer (T5TokenizerFast is the
+# same class in transformers 5: the `tokenizers` conversion of spiece.model that SD3's diffusers pipeline runs)
 # ---------------------------------------------------------------------------------------------------------------------
 
 CORPUS = ["a photo of an astronaut riding a horse on the moon", "highly detailed, 4k, trending on artstation",
