@@ -198,6 +198,7 @@ class T5Config:
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 class T5Encoder(nn.Module):
     """Token embedding `shared` -> T5Stack `encoder`. Keys equal transformers' T5EncoderModel files."""
 
@@ -264,6 +265,9 @@ PRESETS = {"t5_xxl": T5_XXL, "t5_base": T5_BASE, "tiny": TINY}
 
 def config_from_hf(hf: dict) -> T5Config:
     """T5Config from a transformers config.json (text_encoder_3/ of a diffusers SD3 folder, google/t5-v1_1-*)."""
+    missing = [f for f in ("vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff") if f not in hf]
+    if missing:
+        raise ValueError(f"config.json: not a T5 config (no {', '.join(missing)})")
     proj = hf.get("feed_forward_proj", "relu")  # transformers' default when the field is absent is v1.0's ReLU
     if proj != "gated-gelu":
         raise ValueError(f"config.json: feed_forward_proj {proj!r} is not T5 v1.1 ('gated-gelu'); "

@@ -219,6 +219,9 @@ def test_bad_input_gives_one_clear_error(tmp_path):
     (tmp_path / "te" / "config.json").write_text(json.dumps(v10))
     with pytest.raises(ValueError, match="feed_forward_proj 'relu' is not T5 v1.1"):
         load_t5(tmp_path / "te")
+    (tmp_path / "te" / "config.json").write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 3}))  # CLIP's
+    with pytest.raises(ValueError, match="not a T5 config .no vocab_size, d_model, num_layers"):
+        load_t5(tmp_path / "te")
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\), input_ids \(2, 6\)"):
         T5Encoder(TINY)(torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 5))
 
