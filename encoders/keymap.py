@@ -88,3 +88,22 @@ SINGLE_FILE = {
     "conditioner.embedders.1.model.": OPENCLIP_TEXT,  # SDXL embedder 1: OpenCLIP bigG text with projection
     "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,  # SVD: OpenCLIP ViT-H image tower + text leftovers
 }
+
+
+# ======================================================================================================================
+# T5 v1.1 encoder (encoders/t5.py, SD3's text_encoder_3; issue 19): an appended block of rows for t5_weights.py.
+# Our module names equal transformers' T5EncoderModel files, so a text_encoder_3/ folder loads by identity; these rows
+# cover the other names the released files use.
+# ======================================================================================================================
+
+# SD3's original single file keeps the T5 under this prefix (diffusers@0.42 `loaders/single_file_utils.py:
+# convert_sd3_t5_checkpoint_to_diffusers` strips exactly it); the loader keeps those keys only, without the prefix.
+T5_SINGLE_FILE_PREFIX = "text_encoders.t5xxl.transformer."
+T5_ROWS = [
+    # The stack's alias of the one, tied embedding (transformers' in-memory state dicts hold both names; a file may
+    # hold either or both). When both are present the loader checks that they are the same bits and drops this one.
+    ("encoder.embed_tokens.", "shared."),
+    # A whole T5ForConditionalGeneration (google/t5-v1_1-xxl as released): its decoder and LM head are not the encoder.
+    ("decoder.", None),
+    ("lm_head.", None),
+]
