@@ -205,13 +205,9 @@ def main(config: TrainConfig) -> dict:
                 stage.train()
 
     # --- save ---------------------------------------------------------------------------------------------------------
-    if rank == 0 and config.stage != "control":  # a base or VAE stage: the whole pipeline as one single file
-        if ema is not None:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(ema.shadow[name])
-        stage.pipe.save(run / "model.safetensors", layout="original")
-        log.line(f"wrote {run / 'model.safetensors'} (EMA weights) and its tokenizer/")
+    exported = stage.export(run, ema) if rank == 0 else None  # base / vae stages: the pipeline as one single file
+    if exported:
+        log.line(f"wrote {exported} (EMA weights, fp16) and its tokenizer/")
     if rank == 0:
         log.line(f"done: {config.max_steps - start} steps in {time.time() - tic:.0f} s")
     if distributed:

@@ -115,7 +115,7 @@ RELEASED = {"sd1": SD15_CONFIG, "sd2": SD21_CONFIG, "sdxl": SDXL_CONFIG}
 MINI_SD15 = SDConfig(
     "sd1",
     UNetConfig(channels=(32, 64, 64, 64), heads=(2, 4, 4, 4), context_dim=64, groups=16),
-    VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_groups=16),
+    VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_groups=8),
     (CLIPConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=853,
                 eos_token_id=852),),
     ScheduleConfig())
@@ -198,9 +198,9 @@ class StableDiffusion(nn.Module):
         return self.vae.decode_latent(latents)
 
     # --- export -----------------------------------------------------------------------------------------------------
-    def save(self, path: str | Path, layout: str = "original") -> None:
+    def save(self, path: str | Path, layout: str = "original", dtype: torch.dtype | None = None) -> None:
         """"original": one .safetensors in the LDM/SGM single-file layout (what A1111 and ComfyUI load), the config in
-        its metadata, the tokenizer in a tokenizer/ folder beside it."""
+        its metadata, the tokenizer in a tokenizer/ folder beside it. `dtype`: store the tensors in it (e.g. fp16)."""
         path = Path(path)
         if layout != "original":
             raise ValueError(f"unknown layout {layout!r} (expected 'original')")
@@ -211,6 +211,7 @@ class StableDiffusion(nn.Module):
         state = {**{ORIGINAL_UNET_PREFIX + k: v for k, v in unet.items()},
                  **{ORIGINAL_VAE_PREFIX + k: v for k, v in vae.items()},
                  **{TEXT_PREFIXES["sd1"][0] + k: v for k, v in self.text_encoders[0].state_dict().items()}}
+        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
         save_state(state, path, metadata={METADATA_KEY: config_to_json(self.config)})
         self.tokenizers[0].save(path.parent / "tokenizer")
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from controlnext.ablations import build_controlled_unet
-from controlnext.checkpoint import load_vae, read_state, save_state
+from controlnext.checkpoint import read_state, save_state
 from controlnext.config import TrainConfig
 from controlnext.control_branch import PRESETS as BRANCHES
-from controlnext.data import fill50k_example, fill50k_tokenizer
+from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
 from controlnext.inject import PRESETS as INJECTIONS
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
@@ -123,6 +123,10 @@ class ControlStage(nn.Module):
         """Every trained tensor under the controlled model's key names (branch.*, zero_conv.*, unet.*)."""
         return {**self.groups["control"], **self.groups["unet"]}
 
+    def export(self, run: Path, ema) -> Path | None:
+        """Nothing beyond the run's checkpoints: they are the trained tensors (sample.py and export read them)."""
+        return None
+
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.groups["control"].values()), "lr": self.config.control_lr},
                 {"params": list(self.groups["unet"].values()), "lr": self.config.lr}]
@@ -167,6 +171,17 @@ class ControlStage(nn.Module):
         return metrics, evals["control"], images
 
 
+def export_pipeline(stage: nn.Module, run: Path, ema) -> Path:
+    """The trained pipeline (EMA weights when kept) as one original-layout single file, fp16 as SD files ship."""
+    if ema is not None:
+        with torch.no_grad():
+            for name, p in stage.trainable().items():
+                p.copy_(ema.shadow[name])
+    path = run / "model.safetensors"
+    stage.pipe.save(path, layout="original", dtype=torch.float16)
+    return path
+
+
 class BaseStage(nn.Module):
     """The UNet and text encoder(s) of a small SD pipeline from scratch, on a trained (frozen) VAE, prompt only."""
 
@@ -182,6 +197,9 @@ class BaseStage(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.groups["all"].values()), "lr": self.config.lr}]
+
+    def export(self, run: Path, ema) -> Path:
+        return export_pipeline(self, run, ema)
 
     def forward(self, batch: dict, generator: torch.Generator) -> Tensor:
         pipe, device = self.pipe, self.alphas_cumprod.device
@@ -218,6 +236,21 @@ class VAEStage(nn.Module):
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.groups["all"].values()), "lr": self.config.lr}]
 
+    @torch.no_grad()
+    def export(self, run: Path, ema) -> Path:
+        """Sets the latent scale to 1 / std of the training latents first (LDM's scale_by_std: the UNet then sees unit
+        variance; SD's 0.18215 was computed so), on 256 examples of the training stream."""
+        if ema is not None:
+            for name, p in self.trainable().items():
+                p.copy_(ema.shadow[name])
+        dataset = Fill50k(self.config.resolution, seed=self.config.dataset_seed)
+        images = torch.stack([dataset[i]["image"] for i in range(256)]).to(next(self.pipe.vae.parameters()).device)
+        posterior = self.pipe.vae.encode(images)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(0))
+        vae_config = replace(self.pipe.config.vae, latent_scale=round(1.0 / z.std().item(), 5))
+        self.pipe.vae.config, self.pipe.config = vae_config, replace(self.pipe.config, vae=vae_config)
+        return export_pipeline(self, run, None)
+
     def forward(self, batch: dict, generator: torch.Generator) -> Tensor:
         images = batch["image"].to(next(self.pipe.vae.parameters()).device)
         posterior = self.pipe.vae.encode(images)
@@ -246,7 +279,10 @@ def build_stage(config: TrainConfig) -> nn.Module:
         pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     else:
         preset = MODELS[config.model]
+        if config.stage == "base":  # on the trained VAE of a vae-stage run (its calibrated latent scale included)
+            vae = load_sd(config.pretrained).vae
+            preset = replace(preset, vae=vae.config)
         pipe = StableDiffusion.random(preset, fill50k_tokenizer())
         if config.stage == "base":
-            pipe.vae = load_vae(config.pretrained, preset.vae)
+            pipe.vae = vae
     return STAGE_CLASSES[config.stage](config, pipe)

@@ -170,7 +170,10 @@ def test_vae_and_base_stages_write_a_loadable_single_file(tmp_path):
     base_run = Path(train.main(smoke(str(vae_run / "model.safetensors"), tmp_path, stage="base", model="tiny_sd15",
                                      max_steps=1))["run"])
     pipe = load_sd(base_run / "model.safetensors")  # the tokenizer/ beside it is found
-    assert pipe.config == PRESETS["tiny_sd15"]
+    preset = PRESETS["tiny_sd15"]
+    scale = pipe.config.vae.latent_scale  # calibrated by the vae stage to 1 / std of its latents (LDM scale_by_std)
+    assert pipe.config == dataclasses.replace(preset, vae=dataclasses.replace(preset.vae, latent_scale=scale))
+    assert scale != preset.vae.latent_scale
     trained_vae = read_state(vae_run / "model.safetensors")
     shipped = read_state(base_run / "model.safetensors")
     vae_keys = [k for k in shipped if k.startswith("first_stage_model.")]
