@@ -1,120 +1,147 @@
-"""Sample the fill50k toy: condition image (or procedural fill index) + prompt -> PNG grid of (condition | output).
+"""Sample a Stable Diffusion checkpoint with ControlNeXt controls: prompt + condition image(s) -> PNG grid.
 
-    python sample.py --checkpoint=runs/toy_cross_norm-<time>/checkpoints/step_000500_ema.safetensors --fill_index=3
-    python sample.py --checkpoint=... --condition=ring.png --prompt="red circle with blue background" --batch=4
-    python sample.py --checkpoint= --fill_index=3                 # the base alone (no control)
+    python sample.py --control=runs/<run>/checkpoints/step_000400_ema.safetensors --fill_index=3   # the main job's run
+    python sample.py --pretrained=sd_xl_base_1.0.safetensors --tokenizer=tokenizer/ \\
+        --control=controlnet.safetensors --unet_weights=unet.safetensors --control_image=photo.png --canny \\
+        --prompt="a city at night" --width=1024 --height=1024 --steps=20 --sampler=unipc --guidance_scale=5
+    python sample.py --prompt="red circle with blue background"                  # the base alone (no control)
 
-Loads the base (experiments/weights/), rebuilds the controlled UNet from the config stored in the checkpoint's
-metadata, loads the trained tensors (strict accounting), then conditions -> CFG + control closure -> sampler -> decode
-(controlnext/pipeline.py). Paper: ControlNeXt §3 (inference: control scale, official SD1.5 default 0.35 at test time).
-Left out: SD1.5/SDXL weights (a later issue), multi-condition sampling from the command line.
+Loads the pipeline (controlnext/sd_pipeline.py), LoRA files (controlnext/lora.py), the controls (controlnext/
+controls.py: train.py checkpoints, official ControlNeXt releases, several at once, each with its own image and scale)
+and the release UNet weights (absolute or ΔW, read off the file), then conditions -> CFG + control closure -> sampler
+-> VAE decode -> a grid of (condition | output). Paper: ControlNeXt §3 (inference: the control scale; the official
+SD1.5 example samples at 0.35, SDXL at 1.0). On procedural fill50k conditions it also prints the fill metrics.
+Left out: the SVD video mode (sample.py's video twin is a later issue), img2img, inpainting.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from controlnext import cli
-from controlnext.ablations import build_controlled_unet
-from controlnext.checkpoint import load_into, read_state, strip_prefix
-from controlnext.control_branch import PRESETS as BRANCHES
-from controlnext.data import VOCAB, fill50k_example, load_image
-from controlnext.inject import PRESETS as INJECTIONS
+from controlnext.controls import apply_unet_weights, condition_image, load_control
+from controlnext.data import fill50k_example
+from controlnext.lora import apply_lora, load_lora
 from controlnext.metrics import fill50k_metrics
-from controlnext.pipeline import cfg_denoiser, decode_pixels, generate
-from controlnext.selection import select_trainable
-from controlnext.training import save_grid
-from encoders.toy_text import PRESETS as TEXT_ENCODERS, ToyTextEncoder
-from schedulers.sigmas import ScheduleConfig
-from unet.sd_unet import PRESETS as UNETS, UNet
+from controlnext.runs import save_grid
+from controlnext.sampling import SAMPLERS
+from controlnext.sd_pipeline import load_sd, text_to_image
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    checkpoint: str = ""               # trained tensors (step_N[_ema].safetensors from train.py); "" = the base alone
-    base_weights: str = ""             # "" = the one named in the checkpoint's config (or the TrainConfig default)
-    condition: str = ""                # a condition image file; "" = procedural fill50k example `fill_index`
-    fill_index: int = 0                # held-out procedural example (seed fill_seed) when no condition file is given
-    fill_seed: int = 1                 # the training runs' eval_seed: held out from the training stream (seed 0)
+    pretrained: str = "experiments/weights/mini_sd15.safetensors"  # SD single file or diffusers folder
+    tokenizer: str = ""                # single files: vocab folder or BPE .txt.gz; "" = tokenizer/ beside the file
+    prediction_type: str = ""          # override the checkpoint's ("epsilon" | "v_prediction"; SD2 single files)
+    control: tuple[str, ...] = ()      # train.py checkpoints and/or official ControlNeXt branch files, one per control
+    unet_weights: tuple[str, ...] = ()  # official release UNet files (absolute or ΔW: detected), applied in order
+    control_image: tuple[str, ...] = ()  # one condition image per control; () = the procedural fill50k example
+    canny: bool = False                # run the official canny extractor on each condition image first
+    control_scale: tuple[float, ...] = ()  # one per control; () = each run's training scale (1.0 for a release)
+    control_start: float = 0.0         # control acts on this fraction of the trajectory only: start ...
+    control_end: float = 1.0           # ... to end (0 = first step, 1 = last)
+    lora: tuple[str, ...] = ()         # LoRA files (kohya or diffusers/PEFT), applied in order
+    lora_scale: tuple[float, ...] = ()  # one multiplier per LoRA; () = 1.0 each
+    lora_mode: str = "merge"           # "merge" into the weights, or "adapter" (kept separate, switchable)
     prompt: str = ""                   # "" = the procedural example's prompt
-    batch: int = 4                     # images per condition, each from its own noise
-    seed: int = 0                      # noise seed
-    sampler: str = "dpmpp_2m"          # controlnext/pipeline.py SAMPLERS
-    sampling_steps: int = 20
+    negative_prompt: str = ""          # CFG's uncond prompt (SDXL: empty = zeros, as diffusers)
+    width: int = 0                     # pixels, multiple of 8; 0 = the run's training size, else the model's native
+    height: int = 0
+    steps: int = 20
+    sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     guidance_scale: float = 2.0        # classifier-free guidance; 1 = off
-    control_scale: float = 1.0         # k on the control term (official SD1.5 example: 0.35 for its own model)
+    clip_skip: int = 0
+    seed: int = 0                      # noise seed
+    batch: int = 4                     # images per prompt, each from its own noise
+    fill_index: int = 0                # held-out procedural example (seed fill_seed) when no condition image is given
+    fill_seed: int = 1                 # the training runs' eval_seed: held out from the training stream (seed 0)
     out: str = "samples.png"           # output PNG grid
 
 
-def main(config: SampleConfig) -> None:
-    # --- load: training config from the checkpoint metadata, base, controlled UNet, trained tensors -------------
-    import train  # TrainConfig: the run's settings (models, codec, noise schedule)
-    train_config = train.TrainConfig()
-    if config.checkpoint:
-        with safe_open(config.checkpoint, framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" not in meta:
-            raise ValueError(f"{config.checkpoint}: no training config in its metadata; is it a train.py checkpoint?")
-        train_config = cli.from_dict(train.TrainConfig, json.loads(meta["config"]))
-    tc = train_config
-    base_path = config.base_weights or tc.base_weights
-    if not base_path:
-        raise ValueError("no base weights: pass --base_weights=... (a base run's base_weights.safetensors)")
-    unet = UNet(UNETS[tc.unet])
-    text_encoder = ToyTextEncoder(TEXT_ENCODERS[tc.text_encoder], VOCAB)
-    base = read_state(base_path)
-    load_into(unet, strip_prefix(base, "unet."), what=f"UNet from {base_path}")
-    load_into(text_encoder, strip_prefix(base, "text_encoder."), what=f"text encoder from {base_path}")
-    model, injection = unet, INJECTIONS[tc.injection]
-    if config.checkpoint and tc.stage == "control":
-        model = build_controlled_unet(tc.ablation, unet, BRANCHES[tc.branch], injection)
-        select_trainable(unet, tc.trainable)  # adds the LoRA modules a lora:R run trained, if any
-        load_into(model, read_state(config.checkpoint), what=f"trained tensors from {config.checkpoint}", mode="partial")
-    elif config.checkpoint:  # a base-stage checkpoint: full UNet + text encoder
-        state = read_state(config.checkpoint)
-        load_into(unet, strip_prefix(state, "unet."), what="UNet")
-        load_into(text_encoder, strip_prefix(state, "text_encoder."), what="text encoder")
-    model.eval()
+def check(config: SampleConfig) -> None:
+    """The settings that can be checked before loading anything (one ValueError naming the field)."""
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler={config.sampler!r}: expected one of {', '.join(sorted(SAMPLERS))}")
+    for field in ("batch", "steps"):
+        if getattr(config, field) < 1:
+            raise ValueError(f"--{field}={getattr(config, field)}: must be at least 1")
+    for field in ("width", "height"):
+        if getattr(config, field) < 0 or getattr(config, field) % 8:
+            raise ValueError(f"--{field}={getattr(config, field)}: must be a positive multiple of 8 (or 0)")
+    if config.control_image and len(config.control_image) != len(config.control):
+        raise ValueError(f"--control_image: {len(config.control_image)} images for {len(config.control)} controls")
+    if config.control_scale and len(config.control_scale) != len(config.control):
+        raise ValueError(f"--control_scale: {len(config.control_scale)} scales for {len(config.control)} controls")
+    if config.lora_scale and len(config.lora_scale) != len(config.lora):
+        raise ValueError(f"--lora_scale: {len(config.lora_scale)} multipliers for {len(config.lora)} LoRA files")
+    if config.lora_mode not in ("merge", "adapter"):
+        raise ValueError(f"--lora_mode={config.lora_mode!r}: expected 'merge' or 'adapter'")
+    if not 0 <= config.control_start <= config.control_end <= 1:
+        raise ValueError(f"--control_start={config.control_start} / --control_end={config.control_end}: need "
+                         "0 <= start <= end <= 1")
 
-    # --- encode conditions --------------------------------------------------------------------------------------
-    r, f = tc.resolution, tc.latent_factor
-    example = fill50k_example(config.fill_index, r, config.fill_seed)
-    control_np = load_image(config.condition, r) if config.condition else example["control"]
-    prompt = config.prompt or example["prompt"]
-    control = torch.from_numpy(np.ascontiguousarray(control_np)).permute(2, 0, 1).float().div(255)  # (3, H, W)
-    controls = control.expand(config.batch, -1, -1, -1)  # (B, 3, H, W)
-    with torch.no_grad():
-        context = text_encoder([prompt] * config.batch)  # (B, L, D)
-        uncond = text_encoder([tc.empty_prompt] * config.batch)
 
-    # --- sample and decode --------------------------------------------------------------------------------------
-    schedule = ScheduleConfig(beta_schedule=tc.beta_schedule, beta_start=tc.beta_start, beta_end=tc.beta_end,
-                              prediction_type=tc.prediction_type, timestep_spacing=tc.timestep_spacing, steps_offset=0)
-    denoiser = cfg_denoiser(model, schedule, context, uncond, config.guidance_scale,
-                            controls if model is not unet else None, config.control_scale, injection.control_uncond)
-    latents = generate(denoiser, (config.batch, 3 * f * f, r // f, r // f), schedule, config.sampler,
-                       config.sampling_steps, torch.Generator().manual_seed(config.seed))
-    images = decode_pixels(latents, f)  # (B, 3, H, W) in [-1, 1]
+def main(config: SampleConfig) -> dict:
+    """Returns {"images": (B, 3, H, W) in [-1, 1], "metrics": fill metrics or {}}."""
+    # --- load: the pipeline, LoRA files, controls and the UNet weights that come with them --------------------------
+    check(config)
+    pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
+    for i, path in enumerate(config.lora):
+        towers = {f"text_encoder{'_2' if j else ''}": t for j, t in enumerate(pipe.text_encoders)}
+        apply_lora(pipe.unet, towers, load_lora(path), config.lora_scale[i] if config.lora_scale else 1.0,
+                   mode=config.lora_mode)
+    controls = [load_control(path, pipe) for path in config.control]
+    for path in config.unet_weights:
+        kind = "increments" if apply_unet_weights(pipe, path) else "absolute weights"
+        print(f"{path}: {kind} (read off the file against the base)")
+    trained_at = next((c.resolution for c in controls if c.resolution), None)
+    height = config.height or trained_at or pipe.config.resolution
+    width = config.width or trained_at or pipe.config.resolution
 
-    # --- save ---------------------------------------------------------------------------------------------------
-    save_grid(config.out, controls, images)
-    print(f"{prompt!r}: wrote {config.out}")
-    if not config.condition and not config.prompt:  # procedural example: we know the disc and colours
+    # --- conditions: prompt, condition image per control (a file, or the procedural fill50k example) -------------------
+    example = fill50k_example(config.fill_index, height, config.fill_seed) if height == width else None
+    prompt = config.prompt or (example["prompt"] if example else "")
+    images = []
+    for i, _ in enumerate(controls):
+        if config.control_image:
+            images.append(condition_image(config.control_image[i], (height, width), config.canny))
+        elif example is not None:
+            images.append(torch.from_numpy(np.ascontiguousarray(example["control"])).permute(2, 0, 1).float() / 255)
+        else:
+            raise ValueError("--control_image is needed for a non-square size (the fill50k examples are square)")
+    scales = config.control_scale or tuple(c.scale for c in controls)
+    batch = [(c.model, image.expand(config.batch, -1, -1, -1), scale) for c, image, scale in zip(controls, images, scales)]
+
+    # --- sample and decode -----------------------------------------------------------------------------------------------
+    result = text_to_image(pipe, [prompt] * config.batch, [config.negative_prompt] * config.batch, height=height,
+                           width=width, sampler=config.sampler, steps=config.steps, guidance_scale=config.guidance_scale,
+                           generator=torch.Generator().manual_seed(config.seed), controls=batch,
+                           control_window=(config.control_start, config.control_end), clip_skip=config.clip_skip)
+
+    # --- save --------------------------------------------------------------------------------------------------------------
+    shown = images[0].expand(config.batch, -1, -1, -1) if images else torch.zeros(config.batch, 3, height, width)
+    save_grid(config.out, shown, result)
+    print(f"{prompt!r}: wrote {config.out} ({config.batch} x {width}x{height}, {len(controls)} control(s))")
+    metrics = {}
+    if example is not None and not config.control_image and not config.prompt:
         n = config.batch
-        metrics = fill50k_metrics(images, torch.from_numpy(example["disc"]).expand(n, -1, -1),
+        metrics = fill50k_metrics(result, torch.from_numpy(example["disc"]).expand(n, -1, -1),
                                   [example["circle_rgb"]] * n, [example["background_rgb"]] * n)
         print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return {"images": result, "metrics": metrics}
 
 
 if __name__ == "__main__":
-    config, dry_run = cli.parse_args(SampleConfig, sys.argv[1:])
-    if dry_run:
-        print(cli.dumps(config))
-        sys.exit(0)
-    main(config)
+    try:
+        config, dry_run = cli.parse_args(SampleConfig, sys.argv[1:])
+        if dry_run:
+            check(config)
+            print(cli.dumps(config))
+            sys.exit(0)
+        main(config)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        sys.exit(f"sample.py: {e}")

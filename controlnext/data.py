@@ -190,9 +190,10 @@ def to_rgb(im: Image.Image, path: Path) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Any PIL-readable image -> (size, size, 3) uint8: RGB (grey/RGBA/palette/16-bit grey converted), shorter side
-    resized to `size` (bilinear), centre-cropped (controlnext.md §4.1)."""
+def load_image(path: Path, size: int | tuple[int, int]) -> np.ndarray:
+    """Any PIL-readable image -> (H, W, 3) uint8 at `size` (an int: square; or (height, width)): RGB (grey/RGBA/
+    palette/16-bit grey converted), resized to cover the size (bilinear), centre-cropped (controlnext.md §4.1)."""
+    height, width = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(path) as im:
             im.load()
@@ -200,10 +201,10 @@ def load_image(path: Path, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     w, h = im.size
-    scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    left, top = (im.width - size) // 2, (im.height - size) // 2
-    return np.array(im.crop((left, top, left + size, top + size)))  # a writable copy
+    scale = max(width / w, height / h)
+    im = im.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BILINEAR)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    return np.array(im.crop((left, top, left + width, top + height)))  # a writable copy
 
 
 class FolderDataset(Dataset):
