@@ -6,9 +6,9 @@ sinusoid and the pooled text vector each go through an MLP and are summed into c
 model width; each joint block modulates both streams from c (adaLN: shift, scale, gate), runs ONE attention over the
 concatenated [context; image] tokens with separate q/k/v and output weights per stream, then a per-stream GELU-tanh
 MLP; the last block's context stream is "pre-only" (it feeds the last attention and is then dropped); a final adaLN +
-linear maps each token back to a patch. SD3.5 (Stability-AI/sd3.5 model card) adds RMS-norm of q and k per head
-(`qk_norm`) and, in SD3.5-medium's first 13 blocks ("MMDiT-X"), a second image-only self-attention
-(`dual_attention_layers`).
+linear maps each token back to a patch. SD3.5 adds RMS-norm of q and k per head (`qk_norm`; mmditx.py qk_norm="rms")
+and, in SD3.5-medium's first 13 blocks ("MMDiT-X"), a second image-only self-attention (`dual_attention_layers`;
+mmditx.py x_block_self_attn_layers).
 
 Reference: Stability-AI/sd3.5@8df03ab3:mmditx.py (MMDiTX, JointBlock, DismantledBlock, FinalLayer). Module names are
 those of huggingface/diffusers@v0.42.1 SD3Transformer2DModel (transformer_sd3.py, attention.py JointTransformerBlock,
