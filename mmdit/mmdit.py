@@ -293,7 +293,7 @@ class MMDiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor, y: Tensor, *,
                 control: ControlHook | None = None) -> Tensor:
         check_inputs(self.config, x, context, y)
-        p, (H, W) = self.config.patch_size, x.shape[-2:]
+        p, H = self.config.patch_size, x.shape[-2]
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
         hook = control or (lambda site, h: h)
@@ -308,7 +308,7 @@ class MMDiT(nn.Module):
         scale, shift = self.norm_out(emb)
         h = self.proj_out(modulate(layer_norm(h), shift, scale))  # (B, N, p*p*C_out)
         # unpatchify: each token's (p, q, c) channels back to its p x p patch (mmditx.py unpatchify)
-        return rearrange(h, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)  # (B, C_out, H, W)
+        return rearrange(h, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)  # (B, C_out, H, W); w = N/h
 
 
 # --- presets: full configs of the released transformers (their config.json); `tiny` runs on CPU in milliseconds.
