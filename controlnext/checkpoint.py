@@ -166,8 +166,10 @@ TRANSFORMS: dict[str, Callable[[str, Tensor], StateDict]] = {
     "unsqueeze_1x1": lambda k, t: {k: t[:, :, None, None] if t.ndim == 2 else t},  # Linear -> 1x1 conv
     "transpose": lambda k, t: {k: t.t().contiguous()},  # OpenCLIP x @ W projections -> nn.Linear weight
     "split_qkv": _split_qkv,
+    "swap_halves": lambda k, t: {k: torch.cat(t.chunk(2, dim=0)[::-1])},  # SD3 adaLN (shift, scale) <-> (scale, shift)
 }
-INVERSE_TRANSFORMS = {"squeeze_1x1": "unsqueeze_1x1", "unsqueeze_1x1": "squeeze_1x1", "transpose": "transpose"}
+INVERSE_TRANSFORMS = {"squeeze_1x1": "unsqueeze_1x1", "unsqueeze_1x1": "squeeze_1x1", "transpose": "transpose",
+                      "swap_halves": "swap_halves"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Implements the first stage of Rombach et al. 2022 (arXiv 2112.10752, §3 and App. G): a convolutional encoder to a
 diagonal Gaussian posterior over 4-channel latents at 1/8 resolution, and a decoder back to pixels. The latent is
 multiplied by `latent_scale` before the diffusion model sees it (ControlNeXt arXiv 2408.06070 trains in this space).
+SD3 (Esser et al. 2024 §5.2.1) widens the latent to 16 channels, drops the quant convs, and also shifts:
+z_model = latent_scale * (z - latent_shift) (diffusers' scaling_factor 1.5305 and shift_factor 0.0609).
 Matches CompVis/stable-diffusion@21f890f9:ldm/modules/diffusionmodules/model.py (Encoder, Decoder) and
 ldm/modules/distributions/distributions.py, with module names equal to diffusers 0.42.1 `AutoencoderKL`
 (../shared/reference/checkpoints.md §4.1), so diffusers-layout weights load by identity.
@@ -296,7 +298,8 @@ class VAEConfig:
     mid_attention: bool = True  # single-head attention in both mid blocks (every released SD/SDXL/SVD VAE)
     use_quant_conv: bool = True  # 1x1 conv on the moments (absent in SVD's first_stage_model, §4.3)
     use_post_quant_conv: bool = True  # 1x1 conv on the latent before decoding
-    latent_scale: float = 0.18215  # z_unet = latent_scale * z (LDM scale_factor; SDXL 0.13025, §4.1)
+    latent_scale: float = 0.18215  # z_unet = latent_scale * (z - latent_shift) (LDM scale_factor; SDXL 0.13025, §4.1)
+    latent_shift: float = 0.0  # subtracted before scaling: SD3's shift_factor 0.0609 (diffusers SD3 pipeline)
     tile_size: int = 64  # tiled encode/decode: tile side in latent pixels (64 = 512 image pixels)
     tile_overlap: int = 16  # tiled encode/decode: overlap between neighbouring tiles, in latent pixels
 
@@ -350,12 +353,13 @@ class AutoencoderKL(nn.Module):
         return self.decoder.up(h)  # (B, C, H, W)
 
     def encode_latent(self, x: Tensor, generator: torch.Generator | None = None, tiled_encode: bool = False) -> Tensor:
-        """Image -> scaled latent for the diffusion model: latent_scale * (posterior sample)."""
-        return self.config.latent_scale * self.encode(x, tiled_encode).sample(generator)
+        """Image -> scaled latent for the diffusion model: latent_scale * (posterior sample - latent_shift)."""
+        c = self.config
+        return c.latent_scale * (self.encode(x, tiled_encode).sample(generator) - c.latent_shift)
 
     def decode_latent(self, latent: Tensor, tiled_decode: bool = False) -> Tensor:
         """Scaled latent from the diffusion model -> image."""
-        return self.decode(latent / self.config.latent_scale, tiled_decode)
+        return self.decode(latent / self.config.latent_scale + self.config.latent_shift, tiled_decode)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction through the posterior mode."""
@@ -368,5 +372,8 @@ class AutoencoderKL(nn.Module):
 
 SD = VAEConfig()  # SD1.x / SD2.x VAE (stabilityai/sd-vae-ft-mse and the in-checkpoint first stage)
 SDXL = VAEConfig(latent_scale=0.13025)  # same architecture, retrained weights (sdxl-vae); run in fp32 (§12.12)
+# SD3 / SD3.5: 16 latent channels, no quant convs, shifted and scaled latents (stable-diffusion-3-medium vae/config.json)
+SD3 = VAEConfig(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, latent_scale=1.5305,
+                latent_shift=0.0609)
 TINY = VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, tile_size=8, tile_overlap=4)  # CPU tests
-PRESETS = {"sd": SD, "sdxl": SDXL, "tiny": TINY}
+PRESETS = {"sd": SD, "sdxl": SDXL, "sd3": SD3, "tiny": TINY}

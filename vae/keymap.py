@@ -145,11 +145,13 @@ def vae_config_from_diffusers(d: Mapping, temporal: bool):
     if not temporal:
         fields.update(norm_num_groups="norm_groups", use_quant_conv="use_quant_conv",
                       use_post_quant_conv="use_post_quant_conv", mid_block_add_attention="mid_attention")
+        if d.get("shift_factor") is not None:  # SD3's latent shift (the image VAE has the field; null means none)
+            fields.update(shift_factor="latent_shift")
     unknown = sorted(set(d) - set(fields) - set(IGNORED_VAE_FIELDS) - set(FIXED_VAE_FIELDS))
     if unknown:
         raise ValueError(f"VAE config.json: unknown fields {unknown}")
     for field, value in FIXED_VAE_FIELDS.items():
-        given = d.get(field, value)
+        given = value if field in fields else d.get(field, value)
         if (set(given) != set(value)) if isinstance(value, list) else given != value:
             raise ValueError(f"VAE config.json: {field}={given!r} is not supported (expected {value!r})")
     values = {ours: tuple(d[theirs]) if isinstance(d[theirs], list) else d[theirs]
@@ -167,4 +169,5 @@ def vae_config_to_diffusers(cfg) -> dict:
         return {"_class_name": "AutoencoderKLTemporalDecoder", **d}
     return {"_class_name": "AutoencoderKL", **d, "up_block_types": ["UpDecoderBlock2D"] * levels,
             "norm_num_groups": cfg.norm_groups, "use_quant_conv": cfg.use_quant_conv,
-            "use_post_quant_conv": cfg.use_post_quant_conv, "mid_block_add_attention": cfg.mid_attention}
+            "use_post_quant_conv": cfg.use_post_quant_conv, "mid_block_add_attention": cfg.mid_attention,
+            "shift_factor": cfg.latent_shift or None}
