@@ -23,19 +23,19 @@ Keypoint JSON (what DWPoseDetector returns per frame, as json.dump writes it, pl
 Coordinates are normalised: x / W and y / H. Undetected hand/face points sit near 0 (DWPose writes them so) and
 are not drawn (the official `> eps` test on pixel coordinates).
 
-Rendering differences from the official cv2 drawing (PIL and numpy here; no OpenCV):
-  - limbs: the same polygon as cv2.ellipse2Poly (1-degree steps, rounded vertices), filled by PIL's scanline
-    polygon fill instead of cv2.fillConvexPoly; the edge pixels can differ by one pixel;
-  - dots: PIL ellipses in a (2r+1)-pixel box (61 pixels at r = 4) instead of cv2's midpoint circle;
-  - hand edges: PIL's 2-pixel line, without cv2's rounded caps;
+Rendering against the official cv2 drawing (PIL and numpy here; no OpenCV; tests/test_pose.py compares the two):
+  - limbs: cv2.ellipse2Poly's vertices exactly (its float32 one-degree sine table, cvRound), filled by PIL's scanline
+    polygon plus its outline instead of cv2.fillConvexPoly: about 0.5% of the limb pixels (edge pixels) differ;
+  - joint, hand and face dots: cv2's filled circle exactly (the pixels with dx^2 + dy^2 <= r^2);
+  - hand edges: cv2's thickness-2 line is a polygon of half-width 1 with its edge pixels and round caps, about 3 px
+    across; PIL's width-3 line is the closest (about 5% of the hand pixels differ; width 2 would be 43%);
   - neither side anti-aliases (cv2 LINE_8 is the official default); the final downscale is cv2's INTER_LINEAR
-    (half-pixel centres, two taps, no anti-aliasing) computed in float by torch and rounded, so a value can differ by
-    1 from cv2's fixed-point arithmetic.
+    (half-pixel centres, two taps, no anti-aliasing) in float, so a value can differ by 1 from cv2's fixed point.
 Kept as the official code does it: only the first 17 of the 19 OpenPose limbs are drawn (the two ear-shoulder limbs
 never are), hands and faces have no confidence cut-off (their colours are scaled by the score), the colours are
 written into a BGR canvas and the result is swapped to RGB. Left out: the official reading of candidate[-1] for a
-joint whose score is exactly 0.3 (its subset says undetected while the limb test lets it through); such a limb is
-skipped here.
+joint whose score is exactly 0.3 (its subset says undetected while the limb test lets it through); here such a limb
+is drawn from the joint's own coordinates.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # --- the OpenPose / DWPose tables (data) --------------------------------------------------------------------------
@@ -76,7 +74,7 @@ LIMB_HALF_WIDTH = 4       # util.py stickwidth: the ellipse's minor semi-axis in
 LIMB_MIN_SCORE = 0.3      # util.py: a limb is skipped when either joint's score is below this
 LIMB_DIM = 0.6            # util.py: the limb layer is multiplied by this before the joints are drawn
 JOINT_RADIUS = 4          # body joints and hand points, canvas pixels
-HAND_LINE_WIDTH = 2       # hand edges, canvas pixels
+HAND_LINE_WIDTH = 3       # hand edges: util.py's thickness 2 in cv2 covers ~3 px across (module docstring)
 FACE_RADIUS = 3           # face points, canvas pixels
 VISIBLE_EPS = 0.01        # util.py eps: hand/face points are drawn only where both pixel coordinates exceed it
 
@@ -237,6 +235,11 @@ def _scaled(color: Sequence[float], factor: float) -> tuple[int, ...]:
     return tuple(int(c * factor) for c in color)
 
 
+# cv2's one-degree sine table (drawing.cpp SinTable: sin rounded to 7 decimals, stored as float32), so that the
+# limb polygon's vertices round exactly as cv2.ellipse2Poly's do; cos(k) is entry 450 - k.
+SIN_TABLE = np.round(np.sin(np.radians(np.arange(451))), 7).astype(np.float32).astype(np.float64)
+
+
 def limb_polygon(p0: np.ndarray, p1: np.ndarray) -> list[tuple[int, int]]:
     """The vertices cv2.ellipse2Poly gives for a limb between pixel points p0, p1 (util.py draw_bodypose).
 
@@ -245,17 +248,27 @@ def limb_polygon(p0: np.ndarray, p1: np.ndarray) -> list[tuple[int, int]]:
     """
     cx, cy = (p0 + p1) / 2
     length = math.hypot(*(p0 - p1))
-    angle = math.radians(int(math.degrees(math.atan2(p0[1] - p1[1], p0[0] - p1[0]))))
-    t = np.radians(np.arange(361))
-    ax, ay = int(length / 2) * np.cos(t), LIMB_HALF_WIDTH * np.sin(t)  # the axis-aligned ellipse
-    x = np.rint(int(cx) + ax * math.cos(angle) - ay * math.sin(angle))  # rotated by the limb's angle (y down)
-    y = np.rint(int(cy) + ax * math.sin(angle) + ay * math.cos(angle))
+    angle = int(math.degrees(math.atan2(p0[1] - p1[1], p0[0] - p1[0]))) % 360  # whole degrees, in [0, 360)
+    cos_a, sin_a = SIN_TABLE[450 - angle], SIN_TABLE[angle]
+    t = np.arange(361)
+    ax, ay = int(length / 2) * SIN_TABLE[450 - t], LIMB_HALF_WIDTH * SIN_TABLE[t]  # the axis-aligned ellipse
+    x = np.rint(int(cx) + ax * cos_a - ay * sin_a)  # rotated by the limb's angle (y down)
+    y = np.rint(int(cy) + ax * sin_a + ay * cos_a)
     points = [(int(u), int(v)) for u, v in zip(x, y)]
     return [p for i, p in enumerate(points) if i == 0 or p != points[i - 1]]
 
 
-def _dot(draw: ImageDraw.ImageDraw, x: int, y: int, radius: int, color: tuple[int, ...]) -> None:
-    draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color)
+def disc_offsets(radius: int) -> list[tuple[int, int]]:
+    """The pixels of a filled cv2.circle: offsets with dx^2 + dy^2 <= radius^2 (49 at radius 4, 29 at 3)."""
+    span = range(-radius, radius + 1)
+    return [(dx, dy) for dy in span for dx in span if dx * dx + dy * dy <= radius * radius]
+
+
+JOINT_DISC, FACE_DISC = disc_offsets(JOINT_RADIUS), disc_offsets(FACE_RADIUS)
+
+
+def _dot(draw: ImageDraw.ImageDraw, x: int, y: int, disc: list[tuple[int, int]], color: tuple[int, ...]) -> None:
+    draw.point([(x + dx, y + dy) for dx, dy in disc], fill=color)
 
 
 def render_pose(pose: Pose, width: int, height: int) -> np.ndarray:
@@ -272,7 +285,9 @@ def render_pose(pose: Pose, width: int, height: int) -> np.ndarray:
             if scores[j0] < LIMB_MIN_SCORE or scores[j1] < LIMB_MIN_SCORE:
                 continue
             polygon = limb_polygon(joints[j0] * size, joints[j1] * size)
-            draw.polygon(polygon, fill=_scaled(BODY_COLORS[i], scores[j0] * scores[j1]))
+            color = _scaled(BODY_COLORS[i], scores[j0] * scores[j1])
+            draw.polygon(polygon, fill=color)
+            draw.line(polygon + polygon[:1], fill=color)  # cv2 also draws the edges as 8-connected lines
     image = image.point([int(v * LIMB_DIM) for v in range(256)] * 3)  # the limb layer dimmed, truncated (a LUT)
 
     # Joints, hands and face on top, at full brightness times their own score.
@@ -280,7 +295,7 @@ def render_pose(pose: Pose, width: int, height: int) -> np.ndarray:
     for joints, scores, visible in zip(pose.body, pose.body_score, pose.body_visible):
         for j in np.flatnonzero(visible):
             x, y = (int(v) for v in joints[j] * size)
-            _dot(draw, x, y, JOINT_RADIUS, _scaled(BODY_COLORS[j], scores[j]))
+            _dot(draw, x, y, JOINT_DISC, _scaled(BODY_COLORS[j], scores[j]))
     for points, scores in zip(pose.hands, pose.hands_score):
         pixels = [tuple(int(v) for v in p * size) for p in points]
         for e, (k0, k1) in enumerate(HAND_EDGES):
@@ -291,18 +306,37 @@ def render_pose(pose: Pose, width: int, height: int) -> np.ndarray:
                 draw.line((x0, y0, x1, y1), fill=tuple(int(np.rint(c * level)) for c in hue), width=HAND_LINE_WIDTH)
         for (x, y), s in zip(pixels, scores):
             if min(x, y) > VISIBLE_EPS:
-                _dot(draw, x, y, JOINT_RADIUS, (0, 0, int(s * 255)))  # red once swapped to RGB
+                _dot(draw, x, y, JOINT_DISC, (0, 0, int(s * 255)))  # red once swapped to RGB
     for points, scores in zip(pose.faces, pose.faces_score):
         for p, s in zip(points, scores):
             x, y = (int(v) for v in p * size)
             if min(x, y) > VISIBLE_EPS:
-                _dot(draw, x, y, FACE_RADIUS, (int(s * 255),) * 3)
+                _dot(draw, x, y, FACE_DISC, (int(s * 255),) * 3)
 
-    # cv2.resize INTER_LINEAR to (W, H) (half-pixel centres, no anti-aliasing), then BGR -> RGB.
-    bgr = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # (1, 3, H_canvas, W_canvas)
-    small = F.interpolate(bgr, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    rgb = small[0].flip(0).permute(1, 2, 0)  # (H, W, 3), channels reversed
-    return rgb.round().clamp(0, 255).to(torch.uint8).numpy()
+    return resize_linear(np.asarray(image), width, height)[..., ::-1].copy()  # (H, W, 3), BGR -> RGB
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cv2 INTER_LINEAR along one axis: source taps i0, i1 and weight of i1 (half-pixel centres, clamped ends)."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.clip(np.floor(src), 0, n_in - 1).astype(np.int64)
+    return i0, np.minimum(i0 + 1, n_in - 1), np.clip(src - i0, 0, 1)[:, None]
+
+
+def resize_linear(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """cv2.resize(image, (width, height)) with INTER_LINEAR, cv2's default: two taps per axis, no anti-aliasing.
+    (h, w, 3) uint8 -> (height, width, 3) uint8, in float (cv2 uses fixed point: values can differ by 1)."""
+    if image.shape[:2] == (height, width):
+        return image.copy()  # the taps would be the pixels themselves
+    y0, y1, fy = _linear_taps(image.shape[0], height)
+    x0, x1, fx = _linear_taps(image.shape[1], width)
+    fy, fx = fy[:, :, None], fx[None]  # (H, 1, 1) and (1, W, 1): broadcast over the output grid and channels
+
+    def tap(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return image[rows[:, None], cols[None, :]].astype(np.float32)  # (H, W, 3): only the pixels read
+    top = tap(y0, x0) * (1 - fx) + tap(y0, x1) * fx
+    bottom = tap(y1, x0) * (1 - fx) + tap(y1, x1) * fx
+    return np.rint(top * (1 - fy) + bottom * fy).clip(0, 255).astype(np.uint8)
 
 
 def render_poses(poses: Sequence[Pose], width: int, height: int) -> np.ndarray:

@@ -1,13 +1,17 @@
 """controlnext/pose.py: the official alignment against closed forms, its filters, the renderer's colours and geometry,
 and the keypoint JSON (round trip, errors)."""
 
+import colorsys
 import json
+import math
 
+import cv2
 import numpy as np
 import pytest
 
-from controlnext.pose import (ALIGN_JOINTS, BODY_COLORS, HAND_EDGES, Pose, align_poses, aligned_pose_frames,
-                              fit_alignment, limb_polygon, load_pose_json, render_pose, save_pose_json)
+from controlnext.pose import (ALIGN_JOINTS, BODY_COLORS, BODY_LIMBS, HAND_EDGES, Pose, align_poses,
+                              aligned_pose_frames, disc_offsets, fit_alignment, limb_polygon, load_pose_json,
+                              render_pose, resize_linear, save_pose_json)
 
 REF_SIZE, VIDEO_SIZE = (576, 1024), (1280, 720)  # (W, H): a portrait reference, a landscape driving video
 CANVAS = 2160  # render at the canvas size so that pixels are the canvas's (no final resize)
@@ -196,6 +200,89 @@ def test_output_size_and_downscale():
     # the limb is 8 canvas px wide; at 1/3.75 its centre column keeps the full (dimmed) limb colour
     limb = rgb(tuple(int(int(c * 1.0) * 0.6) for c in BODY_COLORS[6]))
     assert tuple(big[512, 288]) == limb
+
+
+# --- against the official cv2 drawing ---------------------------------------------------------------------------------
+
+def official_canvas(pose: Pose, size: int) -> np.ndarray:
+    """The official drawing on a square canvas of `size` (no final resize), with cv2, in its BGR canvas: a
+    transcription of the calls in ControlNeXt-SVD-v2/dwpose/util.py (draw_bodypose, draw_handpose, draw_facepose)."""
+    canvas = np.zeros((size, size, 3), np.uint8)
+    for i in range(17):
+        j0, j1 = BODY_LIMBS[i]
+        for body, score in zip(pose.body, pose.body_score):
+            if score[j0] < 0.3 or score[j1] < 0.3:
+                continue
+            (x0, y0), (x1, y1) = body[j0] * size, body[j1] * size
+            angle = math.degrees(math.atan2(y0 - y1, x0 - x1))
+            axes = (int(math.hypot(x0 - x1, y0 - y1) / 2), 4)
+            polygon = cv2.ellipse2Poly((int((x0 + x1) / 2), int((y0 + y1) / 2)), axes, int(angle), 0, 360, 1)
+            cv2.fillConvexPoly(canvas, polygon, [int(c * score[j0] * score[j1]) for c in BODY_COLORS[i]])
+    canvas = (canvas * 0.6).astype(np.uint8)
+    for j in range(18):
+        for body, score, visible in zip(pose.body, pose.body_score, pose.body_visible):
+            if visible[j]:
+                x, y = (int(v * size) for v in body[j])
+                cv2.circle(canvas, (x, y), 4, [int(c * score[j]) for c in BODY_COLORS[j]], thickness=-1)
+    for points, scores in zip(pose.hands, pose.hands_score):
+        pixels = [tuple(int(v * size) for v in p) for p in points]
+        for e, (k0, k1) in enumerate(HAND_EDGES):
+            if min(pixels[k0] + pixels[k1]) > 0.01:
+                color = np.array(colorsys.hsv_to_rgb(e / 20, 1.0, 1.0)) * int(scores[k0] * scores[k1] * 255)
+                cv2.line(canvas, pixels[k0], pixels[k1], color, thickness=2)
+        for (x, y), s in zip(pixels, scores):
+            if min(x, y) > 0.01:
+                cv2.circle(canvas, (x, y), 4, (0, 0, int(s * 255)), thickness=-1)
+    for points, scores in zip(pose.faces, pose.faces_score):
+        for p, s in zip(points, scores):
+            x, y = (int(v * size) for v in p)
+            if min(x, y) > 0.01:
+                cv2.circle(canvas, (x, y), 3, (int(s * 255),) * 3, thickness=-1)
+    return canvas[..., ::-1]  # BGR -> RGB
+
+
+def standing_person(rng: np.random.Generator) -> Pose:
+    """A plausible skeleton (jittered), both hands, a face; some joints below the 0.3 cut-off."""
+    body = np.array([[.5, .15], [.5, .25], [.4, .25], [.35, .4], [.33, .52], [.6, .25], [.65, .4], [.67, .52],
+                     [.44, .55], [.43, .72], [.43, .9], [.56, .55], [.57, .72], [.57, .9], [.48, .13], [.52, .13],
+                     [.46, .14], [.54, .14]]) + rng.normal(0, 0.01, (18, 2))
+    score = rng.uniform(0.25, 1.0, 18)
+    hands = np.stack([body[4] + rng.normal(0, 0.02, (21, 2)), body[7] + rng.normal(0, 0.02, (21, 2))])
+    return make_pose(body, score, hands=hands, hands_score=rng.uniform(0.2, 1, (2, 21)),
+                     faces=(body[0] + rng.normal(0, 0.015, (68, 2)))[None], faces_score=rng.uniform(0.2, 1, (1, 68)))
+
+
+def test_rendering_matches_the_official_cv2_drawing():
+    pose, no_body = standing_person(np.random.default_rng(7)), np.zeros((0, 18, 2))
+    parts = {"body": make_pose(pose.body, pose.body_score),
+             "face": make_pose(no_body, faces=pose.faces, faces_score=pose.faces_score),
+             "hands": make_pose(no_body, hands=pose.hands, hands_score=pose.hands_score)}
+    # limbs: cv2's polygon vertices exactly, PIL's fill at the edges (measured 0.5%); dots and face: cv2's discs
+    # exactly; hand edges: PIL's 3-px line for cv2's thickness-2 line (measured ~5%)
+    limits = {"body": 0.01, "face": 0.0, "hands": 0.08}
+    for name, part in parts.items():
+        ours, ref = render_pose(part, CANVAS, CANVAS), official_canvas(part, CANVAS)
+        differ = (ours != ref).any(-1).sum() / (ref.any(-1) | ours.any(-1)).sum()
+        assert differ <= limits[name], f"{name}: {differ:.2%} of the drawn pixels differ from cv2's"
+
+
+def test_limb_vertices_dots_and_resize_are_cv2s():
+    rng = np.random.default_rng(8)
+    for _ in range(100):
+        p0, p1 = rng.uniform(0, 2000, 2), rng.uniform(0, 2000, 2)
+        angle = int(math.degrees(math.atan2(p0[1] - p1[1], p0[0] - p1[0])))
+        axes = (int(math.hypot(*(p0 - p1)) / 2), 4)
+        expected = cv2.ellipse2Poly((int((p0[0] + p1[0]) / 2), int((p0[1] + p1[1]) / 2)), axes, angle, 0, 360, 1)
+        np.testing.assert_array_equal(np.array(limb_polygon(p0, p1)), expected)
+    for radius in (3, 4):
+        canvas = np.zeros((11, 11), np.uint8)
+        cv2.circle(canvas, (5, 5), radius, 1, thickness=-1)
+        assert sorted(disc_offsets(radius)) == sorted((x - 5, y - 5) for y, x in zip(*np.nonzero(canvas)))
+    image = (rng.uniform(0, 1, (375, 210, 3)) ** 4 * 255).astype(np.uint8)
+    for width, height in ((56, 100), (33, 61), (420, 750), (210, 375)):  # down by 3.75 (576 x 1024), odd, up, same
+        ours, ref = resize_linear(image, width, height).astype(int), cv2.resize(image, (width, height))
+        assert np.abs(ours - ref).max() <= 1  # float here, 11-bit fixed point in cv2: rounding only
+        assert (ours != ref).mean() < 0.15
 
 
 # --- the keypoint JSON ------------------------------------------------------------------------------------------------
