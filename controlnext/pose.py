@@ -1,4 +1,4 @@
-"""Pose keypoints for ControlNeXt-SVD-v2: the keypoint JSON, the official pose alignment and the OpenPose-style renderer.
+"""Pose keypoints for ControlNeXt-SVD-v2: the keypoint JSON, the official pose alignment, the OpenPose-style renderer.
 
 ControlNeXt (arXiv 2408.06070, §4 and the SVD-v2 release) drives SVD with a sequence of rendered pose images. The
 v2 inference path (controlnext.md §5 "v2 pose preprocessing") detects whole-body keypoints with DWPose, maps the
@@ -8,7 +8,8 @@ last two steps, matching dvlab-research/ControlNeXt@ab4b3ac:
   ControlNeXt-SVD-v2/dwpose/util.py        draw_pose & co.   -> render_pose
   ControlNeXt-SVD-v2/dwpose/dwpose_detector.py               -> the keypoint layout (Pose, the JSON file)
 Pose *estimation* (DWPose: YOLOX-L + dw-ll_ucoco_384, ONNX weights) is left out: it needs weights that are not
-here. Give keypoints (this JSON) or pose images.
+here. Give keypoints (this JSON) or pose images. Render the control frames of two keypoint files:
+`python -m controlnext.pose --reference ref.json --video video.json --out poses/ --stride 2`.
 
 Keypoint JSON (what DWPoseDetector returns per frame, as json.dump writes it, plus the detected image's size):
     {"width": W, "height": H,                     # pixels of the images the keypoints were detected on
@@ -40,6 +41,7 @@ is drawn from the joint's own coordinates.
 
 from __future__ import annotations
 
+import argparse
 import colorsys
 import json
 import math
@@ -51,6 +53,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from controlnext.video_io import require_ffmpeg, write_frames
 
 # --- the OpenPose / DWPose tables (data) --------------------------------------------------------------------------
 
@@ -363,3 +367,29 @@ def aligned_pose_frames(reference_json: str | Path, video_json: str | Path, widt
     poses = align_poses(reference.frames[0], video.frames[::stride], (reference.width, reference.height),
                         (video.width, video.height))
     return render_poses(poses[: None if max_frames is None else 1 + max_frames], width, height)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="render the v2 control frames: [reference] + aligned video poses")
+    parser.add_argument("--reference", required=True, help="keypoint JSON of the reference image (one frame)")
+    parser.add_argument("--video", required=True, help="keypoint JSON of the driving video")
+    parser.add_argument("--width", type=int, default=576, help="output width (the official v2 size: 576)")
+    parser.add_argument("--height", type=int, default=1024, help="output height (the official v2 size: 1024)")
+    parser.add_argument("--stride", type=int, default=1, help="use every stride-th video frame (official: 2)")
+    parser.add_argument("--max_frames", type=int, default=None, help="keep at most this many video frames")
+    parser.add_argument("--out", required=True, help="a folder (PNG frames), or a .gif / .mp4 file")
+    parser.add_argument("--fps", type=float, default=None, help="frames per second for .gif / .mp4")
+    args = parser.parse_args()
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in ("", ".gif", ".mp4") or (suffix and args.fps is None):
+        parser.error(f"--out {args.out}: a folder, or a .gif / .mp4 file with --fps")
+    if suffix == ".mp4":
+        require_ffmpeg(".mp4 files")  # before the rendering, not after it
+    frames = aligned_pose_frames(args.reference, args.video, args.width, args.height, stride=args.stride,
+                                 max_frames=args.max_frames)
+    write_frames(frames, args.out, args.fps)
+    print(f"wrote {len(frames)} pose frames ({args.width}x{args.height}) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

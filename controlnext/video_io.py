@@ -2,11 +2,12 @@
 
 Frames are (F, H, W, 3) uint8 RGB arrays throughout; `to_uint8` converts a model's (F, 3, H, W) tensor.
 Reading: a folder of images (PNG/JPEG/WebP/BMP, sorted naturally: 2.png before 10.png), a GIF (PIL), or a video file
-(imageio-ffmpeg, which bundles an ffmpeg binary), with a stride and a frame limit, or at given frame indices (the
-video datasets). Writing: a PNG folder (exact), a GIF through PIL (always available; fps becomes the per-frame
-duration, which GIF stores in hundredths of a second) and an MP4 (H.264, yuv420p) through imageio-ffmpeg. Every file
-and folder is written under a temporary name in the target's folder and renamed into place, so a failed write leaves
-nothing half-written.
+(imageio-ffmpeg: the ffmpeg wrapper that imageio itself uses, with a bundled ffmpeg binary; one optional package and
+no plugin layer), with a stride and a frame limit, or at given frame indices (the video datasets).
+Writing: a PNG folder (exact), a GIF through PIL (always available; fps becomes the per-frame duration, which GIF
+stores in hundredths of a second) and an MP4 (H.264, yuv420p) through imageio-ffmpeg. Every file and folder is
+written under a temporary name in the target's folder and renamed into place, so a failed write leaves nothing
+half-written.
 The official scripts use decord (reading), cv2 and moviepy/imageio (writing) (dvlab-research/ControlNeXt@ab4b3ac:
 ControlNeXt-SVD-v2/run_controlnext.py write_mp4, ControlNeXt-SVD-v2-Training/utils/vid_dataset.py); any of them
 decodes to the same RGB frames. Left out: audio, variable frame rates, and other containers for writing (PNG
@@ -35,7 +36,7 @@ MP4_QUALITY = 8  # imageio-ffmpeg's 0..10 quality scale; 8 gives H.264 crf 10 (v
 FFMPEG_MISSING = "reading or writing {what} needs imageio-ffmpeg: pip install imageio-ffmpeg (GIF and PNG need nothing)"
 
 
-def _ffmpeg(what: str):
+def require_ffmpeg(what: str):
     """The optional imageio-ffmpeg module, or one clear error naming what to install."""
     try:  # imported here so that PNG folders and GIFs work without the optional dependency
         import imageio_ffmpeg
@@ -52,7 +53,8 @@ def natural_key(name: str) -> list:
 def frame_files(folder: str | Path) -> list[Path]:
     """The image files of a frame folder, in natural order; ValueError when there are none."""
     folder = Path(folder)
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise ValueError(f"{folder}: no frames ({', '.join(IMAGE_SUFFIXES)} files)")
     return files
@@ -80,7 +82,7 @@ def _decoded(path: Path):
             for frame in ImageSequence.Iterator(im):
                 yield np.array(frame.convert("RGB"))
         return
-    reader = _ffmpeg(f"{path.suffix} files").read_frames(str(path))
+    reader = require_ffmpeg(f"{path.suffix} files").read_frames(str(path))
     try:
         width, height = next(reader)["size"]  # the first item is ffmpeg's metadata
         for raw in reader:
@@ -98,7 +100,7 @@ def count_frames(path: str | Path) -> int:
     if path.suffix.lower() == GIF_SUFFIX:
         with Image.open(path) as im:
             return getattr(im, "n_frames", 1)
-    return _ffmpeg(f"{path.suffix} files").count_frames_and_secs(str(path))[0]
+    return require_ffmpeg(f"{path.suffix} files").count_frames_and_secs(str(path))[0]
 
 
 def video_fps(path: str | Path) -> float | None:
@@ -111,7 +113,7 @@ def video_fps(path: str | Path) -> float | None:
         with Image.open(path) as im:
             duration = im.info.get("duration")
         return 1000 / duration if duration else None
-    reader = _ffmpeg(f"{path.suffix} files").read_frames(str(path))
+    reader = require_ffmpeg(f"{path.suffix} files").read_frames(str(path))
     fps = next(reader)["fps"]
     reader.close()
     return fps or None
@@ -233,7 +235,7 @@ def write_gif(frames: np.ndarray, path: str | Path, fps: float) -> None:
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float, quality: float = MP4_QUALITY) -> None:
     """An H.264 MP4 (yuv420p, plays everywhere) through imageio-ffmpeg; width and height must be even."""
-    ffmpeg = _ffmpeg(".mp4 files")
+    ffmpeg = require_ffmpeg(".mp4 files")
     _check_frames(frames)
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")

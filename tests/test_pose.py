@@ -4,11 +4,13 @@ and the keypoint JSON (round trip, errors)."""
 import colorsys
 import json
 import math
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
+from controlnext import pose as pose_module
 from controlnext.pose import (ALIGN_JOINTS, BODY_COLORS, BODY_LIMBS, HAND_EDGES, Pose, align_poses,
                               aligned_pose_frames, disc_offsets, fit_alignment, limb_polygon, load_pose_json,
                               render_pose, resize_linear, save_pose_json)
@@ -342,3 +344,21 @@ def test_json_errors_name_file_frame_and_field(tmp_path):
     save_pose_json(tmp_path / "ref.json", [good], 64, 64)
     with pytest.raises(ValueError, match="cannot be drawn at 64x128"):
         aligned_pose_frames(tmp_path / "ref.json", tmp_path / "k.json", 64, 128)
+
+
+def test_cli_renders_the_control_frames(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(9)
+    ref_body = rng.uniform(0.3, 0.7, (18, 2))
+    save_pose_json(tmp_path / "ref.json", [make_pose(ref_body)], 64, 64)
+    save_pose_json(tmp_path / "video.json", [make_pose(ref_body + rng.normal(0, 0.01, (18, 2))) for _ in range(3)],
+                   *VIDEO_SIZE)
+    args = ["pose", "--reference", str(tmp_path / "ref.json"), "--video", str(tmp_path / "video.json"),
+            "--width", "64", "--height", "64", "--out", str(tmp_path / "poses")]
+    monkeypatch.setattr(sys, "argv", args)
+    pose_module.main()
+    assert sorted(p.name for p in (tmp_path / "poses").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    monkeypatch.setattr(sys, "argv", args[:-1] + [str(tmp_path / "poses.gif")])  # a GIF without --fps
+    with pytest.raises(SystemExit):
+        pose_module.main()
+    assert "a folder, or a .gif / .mp4 file with --fps" in capsys.readouterr().err
+    assert not (tmp_path / "poses.gif").exists()
