@@ -188,9 +188,13 @@ def save_pose_json(path: str | Path, poses: Sequence[Pose], width: int, height: 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"width": width, "height": height, "frames": [pose_to_dict(p) for p in poses]})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # --- the official alignment (preprocess.py get_video_pose) ----------------------------------------------------------
@@ -296,10 +300,11 @@ def render_pose(pose: Pose, width: int, height: int) -> np.ndarray:
 
     # Joints, hands and face on top, at full brightness times their own score.
     draw = ImageDraw.Draw(image)
-    for joints, scores, visible in zip(pose.body, pose.body_score, pose.body_visible):
-        for j in np.flatnonzero(visible):
-            x, y = (int(v) for v in joints[j] * size)
-            _dot(draw, x, y, JOINT_DISC, _scaled(BODY_COLORS[j], scores[j]))
+    for j in range(18):  # joint by joint, then person by person: the official order, where dots overlap
+        for joints, scores, visible in zip(pose.body, pose.body_score, pose.body_visible):
+            if visible[j]:
+                x, y = (int(v) for v in joints[j] * size)
+                _dot(draw, x, y, JOINT_DISC, _scaled(BODY_COLORS[j], scores[j]))
     for points, scores in zip(pose.hands, pose.hands_score):
         pixels = [tuple(int(v) for v in p * size) for p in points]
         for e, (k0, k1) in enumerate(HAND_EDGES):

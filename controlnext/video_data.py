@@ -19,7 +19,8 @@ frames), so that training sees what inference gives. `Clip.pose_bgr` says a clip
 True for the official layout (the official trainer's swap), False for the plain layout (PNGs as render_pose writes
 them).
 
-Layouts (paths inside JSON files are absolute or relative to that JSON file's folder):
+Layouts (paths inside JSON files are absolute or relative to that JSON file's folder; the official loader opens
+them as given, i.e. relative to the working directory):
   official: meta_info.json = [{"video_path": ..., "guide_path": <pose video, frame-aligned>,
                                "meta_info": <per-video json, optional>}, ...];
             per-video json = one entry per video frame: {"boxes": [[[x0, y0], [x1, y1]], ...] (persons),
