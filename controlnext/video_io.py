@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ MP4_QUALITY = 8  # imageio-ffmpeg's 0..10 quality scale; 8 gives H.264 crf 10 (v
 FFMPEG_MISSING = "reading or writing {what} needs imageio-ffmpeg: pip install imageio-ffmpeg (GIF and PNG need nothing)"
 
 
-def require_ffmpeg(what: str):
+def require_ffmpeg(what: str) -> ModuleType:
     """The optional imageio-ffmpeg module, or one clear error naming what to install."""
     try:  # imported here so that PNG folders and GIFs work without the optional dependency
         import imageio_ffmpeg
