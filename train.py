@@ -187,7 +187,7 @@ def main(config: TrainConfig) -> dict:
         (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(params)
+            ema.update(params, step)
         losses.append(step_loss)
         done = step + 1
         if rank == 0:

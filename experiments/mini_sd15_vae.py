@@ -18,13 +18,13 @@ config = TrainConfig(
     experiment="mini_sd15_vae",
     model="mini_sd15",               # controlnext/sd_pipeline.py MINI_SD15
     pretrained="",                   # from scratch
-    max_steps=1500,
-    batch_size=32,
+    max_steps=3000,
+    batch_size=16,                   # as fast per step as 32 here (measured over 200 steps), half the cost
     lr=1e-3,                         # a small conv net from scratch: a large lr, warmed up, clipped
     warmup_steps=100,
     ema_decay=0.999,
     kl_weight=1e-6,
-    eval_every=250,
+    eval_every=500,
     eval_count=64,
     save_every=500,
 )

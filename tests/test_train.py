@@ -181,14 +181,19 @@ def test_vae_and_base_stages_write_a_loadable_single_file(tmp_path):
 
 
 def test_ema_follows_its_closed_form():
-    p = torch.nn.Parameter(torch.zeros(3))
-    ema = EMA({"p": p}, decay=0.9)
-    values = [1.0, 2.0, 4.0]
-    for v in values:
+    """ema_n = d_n ema_{n-1} + (1 - d_n) v_n with d_n = min(decay, (1 + n) / (10 + n)), from ema_{-1} = the init."""
+    p = torch.nn.Parameter(torch.full((3,), 5.0))
+    ema = EMA({"p": p}, decay=0.5)
+    values = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
+    for n, v in enumerate(values):
         p.data.fill_(v)
-        ema.update({"p": p})
-    expected = sum(0.1 * 0.9 ** (len(values) - 1 - i) * v for i, v in enumerate(values))  # 0.1 * sum 0.9^k v
-    torch.testing.assert_close(ema.shadow["p"], torch.full((3,), expected), atol=1e-6, rtol=0)
+        ema.update({"p": p}, n)
+    expected = 5.0
+    for n, v in enumerate(values):
+        d = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.1818, ..., then capped at 0.5 from n = 8 on
+        expected = d * expected + (1 - d) * v
+    assert [ema.decay_at(n) for n in (0, 8, 100)] == [0.1, 0.5, 0.5]
+    torch.testing.assert_close(ema.shadow["p"], torch.full((3,), expected), atol=1e-5, rtol=0)
 
 
 BAD = [("sampler", "bogus", "--sampler='bogus'"), ("ablation", "bogus", "--ablation='bogus'"),
