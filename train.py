@@ -29,12 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from controlnext import cli
-from controlnext.ablations import ABLATIONS
 from controlnext.config import RESUMABLE, TrainConfig, check
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import Fill50k, FolderDataset
-from controlnext.inject import PRESETS as INJECTIONS
-from controlnext.pipeline import SAMPLERS
+from controlnext.controlnext import ABLATIONS, PRESETS as INJECTIONS
+from controlnext.sampling import SAMPLERS
 from controlnext.runs import (EMA, RunLog, load_checkpoint, make_run_dir, remove_stale_temp_files, save_checkpoint,
                               step_generator)
 from controlnext.sd_pipeline import PRESETS as MODELS

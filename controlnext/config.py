@@ -25,7 +25,7 @@ class TrainConfig:
     # what to train
     stage: str = "control"             # "control": a method on a frozen base; "base": UNet + text encoder (prompt only)
                                        # on a trained VAE; "vae": the autoencoder (the miniature SD1.5's stages)
-    ablation: str = "cross_norm"       # controlnext/ablations.py: cross_norm zero_conv no_norm paper_norm controlnet
+    ablation: str = "cross_norm"       # controlnext/controlnext.py ABLATIONS: cross_norm zero_conv no_norm paper_norm controlnet
     trainable: str = "auto"            # UNet tensors trained with the branch (selection.py): none to_out attn2_to_out
                                        # to_out_to_v all lora:R; auto = the family's official recipe
     injection: str = "auto"            # inject.py preset (site, eps, pool order); auto = the family's official one
@@ -65,7 +65,7 @@ class TrainConfig:
     eval_every: int = 100              # steps (and step 0); also writes samples/ and plot.png; 0 = only at the end
     eval_count: int = 32               # held-out examples (fill50k, seed eval_seed)
     eval_seed: int = 1
-    sampler: str = "dpmpp_2m"          # controlnext/pipeline.py SAMPLERS
+    sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     sampling_steps: int = 10
     guidance_scale: float = 2.0        # classifier-free guidance (needs a base trained with empty prompts)
     # bookkeeping

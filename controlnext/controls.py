@@ -26,11 +26,11 @@ from controlnext import cli
 from controlnext.canny import canny_control
 from controlnext.checkpoint import KeyMap, load_into, read_metadata, read_state
 from controlnext.config import TrainConfig
-from controlnext.control_branch import PRESETS as BRANCHES
+from controlnext.control_branch import PRESETS as BRANCHES, ControlNeXtConfig
 from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, build_controlled_unet
 from controlnext.data import load_image
-from controlnext.keymap import UNET_ROWS
-from controlnext.releases import detect_control_branch, load_control_branch, load_unet_weights
+from controlnext.keymap import CONTROL_BRANCH_ROWS, UNET_ROWS
+from controlnext.releases import detect_control_branch, load_unet_weights
 from controlnext.sd_pipeline import StableDiffusion
 from controlnext.selection import select_trainable
 from unet.keymap import unet_original_rows
@@ -68,16 +68,27 @@ def from_run(path: Path, pipe: StableDiffusion) -> LoadedControl:
     return LoadedControl(model.eval(), config.control_scale, config.resolution, str(path))
 
 
+def branch_config(state: dict[str, Tensor], kind: str) -> ControlNeXtConfig:
+    """The branch a file holds: the official preset of its generation, with the widths read off the tensors (they are
+    the preset's for a release; smaller for test files). Group counts cannot be read off weights: the preset's."""
+    preset = BRANCHES[kind]
+    stem = tuple(state[f"embedding.{3 * i}.weight"].shape[0] for i in range(len(preset.stem_channels)))
+    res = tuple(state[f"down_res.{i}.conv1.weight"].shape[0] for i in range(len(preset.res_channels)))
+    return replace(preset, time_channels=state["time_embedding.linear_1.weight"].shape[1],
+                   emb_dim=state["time_embedding.linear_1.weight"].shape[0], stem_channels=stem, res_channels=res,
+                   out_channels=state["mid_convs.1.weight"].shape[0])
+
+
 def from_release(path: Path, pipe: StableDiffusion) -> LoadedControl:
     """An official ControlNeXt branch file; its injection is the release's for this branch and family."""
-    state = read_state(path)
+    state, _ = KeyMap(CONTROL_BRANCH_ROWS).apply(read_state(path))
     kind = detect_control_branch(state)
     injection = RELEASE_INJECTION.get((kind, pipe.config.family))
     if injection is None:
         raise ValueError(f"{path}: a {kind} branch has no official release for {pipe.config.family} "
                          f"(known: {sorted(RELEASE_INJECTION)})")
-    model = ControlNeXtUNet(pipe.unet, BRANCHES[kind], INJECTIONS[injection])
-    model.branch.load_state_dict(load_control_branch(state, kind).state_dict())
+    model = ControlNeXtUNet(pipe.unet, branch_config(state, kind), INJECTIONS[injection])
+    load_into(model.branch, state, what=f"ControlNeXt branch from {path}")
     return LoadedControl(model.eval(), 1.0, None, str(path))
 
 

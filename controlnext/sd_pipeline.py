@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from controlnext import cli
+from controlnext.sampling import Control, cfg_denoiser, generate
 from controlnext.checkpoint import (ORIGINAL_UNET_PREFIX, ORIGINAL_VAE_PREFIX, KeyMap, load_clip, load_unet, load_vae,
                                     read_metadata, read_state, save_state)
 from encoders.clip import CLIP_L, OPENCLIP_BIGG_TEXT, OPENCLIP_H_TEXT, CLIPConfig, CLIPTextModel, build_clip
 from encoders.tokenizer import EOS, CLIPTokenizer
-from controlnext.pipeline import cfg_denoiser, generate
 from schedulers.sigmas import ScheduleConfig
 from unet.keymap import unet_original_rows
 from unet.sd_unet import SD15, SD21, SDXL, UNet, UNetConfig, sdxl_vector
@@ -60,6 +61,7 @@ class SDConfig:
     text: tuple[CLIPConfig, ...]        # one tower (SD1: CLIP-L, SD2: OpenCLIP-H) or two (SDXL: CLIP-L, bigG)
     schedule: ScheduleConfig            # the DDPM schedule the UNet was trained with (scheduler_config.json)
     zero_empty_negative: bool = False   # SDXL's force_zeros_for_empty_prompt: an empty negative prompt is zeros
+    resolution: int = 512               # native sampling size in pixels (SD1.5 512, SD2.1-768 768, SDXL 1024)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -81,7 +83,7 @@ def config_from_json(text: str) -> SDConfig:
                     vae=cli.from_dict(VAEConfig, d["vae"]),
                     text=tuple(cli.from_dict(CLIPConfig, c) for c in d["text"]),
                     schedule=cli.from_dict(ScheduleConfig, d["schedule"]),
-                    zero_empty_negative=d["zero_empty_negative"])
+                    zero_empty_negative=d["zero_empty_negative"], resolution=d["resolution"])
 
 
 def schedule_from_diffusers(d: dict) -> ScheduleConfig:
@@ -105,8 +107,10 @@ def schedule_to_diffusers(s: ScheduleConfig) -> dict:
 
 # The released configs, one line per family (checkpoints.md §7). SD2.1-768 is v-prediction; SD2-base is epsilon.
 SD15_CONFIG = SDConfig("sd1", SD15, SD_VAE, (CLIP_L,), ScheduleConfig())
-SD21_CONFIG = SDConfig("sd2", SD21, SD_VAE, (OPENCLIP_H_TEXT,), ScheduleConfig(prediction_type="v_prediction"))
-SDXL_CONFIG = SDConfig("sdxl", SDXL, SDXL_VAE, (CLIP_L, OPENCLIP_BIGG_TEXT), ScheduleConfig(), zero_empty_negative=True)
+SD21_CONFIG = SDConfig("sd2", SD21, SD_VAE, (OPENCLIP_H_TEXT,), ScheduleConfig(prediction_type="v_prediction"),
+                       resolution=768)
+SDXL_CONFIG = SDConfig("sdxl", SDXL, SDXL_VAE, (CLIP_L, OPENCLIP_BIGG_TEXT), ScheduleConfig(), zero_empty_negative=True,
+                       resolution=1024)
 RELEASED = {"sd1": SD15_CONFIG, "sd2": SD21_CONFIG, "sdxl": SDXL_CONFIG}
 # The miniature SD1.5 the main job runs on (experiments/weights/; issue 14): SD1.5's structure (4 levels, attention at
 # 0-2, 2 ResBlocks per level, 1x1-conv projections, CLIP-L-style text tower with quick-GELU) at CPU widths, its VAE
@@ -118,7 +122,7 @@ MINI_SD15 = SDConfig(
     VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_groups=8),
     (CLIPConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=853,
                 eos_token_id=852),),
-    ScheduleConfig())
+    ScheduleConfig(), resolution=64)
 # The same structure at test sizes: trains a step in well under a second on CPU (tests/test_train.py).
 TINY_SD15 = SDConfig(
     "sd1",
@@ -126,7 +130,7 @@ TINY_SD15 = SDConfig(
     VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8),
     (CLIPConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=853,
                 eos_token_id=852),),
-    ScheduleConfig())
+    ScheduleConfig(), resolution=64)
 PRESETS = {"mini_sd15": MINI_SD15, "tiny_sd15": TINY_SD15}
 
 
@@ -277,7 +281,8 @@ def _diffusers_folder(folder: Path, dtype: torch.dtype | None) -> StableDiffusio
     tokenizers = [CLIPTokenizer.from_folder(folder / n.replace("text_encoder", "tokenizer")) for n in names]
     schedule = schedule_from_diffusers(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
     config = SDConfig(family, unet.config, vae.config, tuple(t.config for t in towers), schedule,
-                      zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)))
+                      zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)),
+                      resolution=8 * json.loads((folder / "unet" / "config.json").read_text()).get("sample_size", 64))
     return StableDiffusion(config, unet, vae, towers, tokenizers)
 
 
@@ -305,13 +310,14 @@ def load_sd(source: str | Path, tokenizer: str | Path | None = None, *, dtype: t
 @torch.no_grad()
 def text_to_image(pipe: StableDiffusion, prompts: list[str], negative_prompts: list[str] | None = None, *,
                   height: int, width: int, sampler: str, steps: int, guidance_scale: float,
-                  generator: torch.Generator, noise: Tensor | None = None, net: nn.Module | None = None,
-                  control_image: Tensor | None = None, control_scale: float = 1.0, control_uncond: bool = True,
-                  clip_skip: int = 0, decode: bool = True) -> Tensor:
-    """Prompts (+ a condition image through a controlled UNet `net`) -> images (B, 3, H, W) in [-1, 1], or latents.
+                  generator: torch.Generator, noise: Tensor | None = None, controls: Sequence[Control] = (),
+                  control_window: tuple[float, float] = (0.0, 1.0), clip_skip: int = 0, decode: bool = True) -> Tensor:
+    """Prompts (+ controls: (controlled model around pipe.unet, condition (B, 3, H, W) in [0, 1], scale)) -> images
+    (B, 3, H, W) in [-1, 1], or the latents.
 
     CFG over (negative, prompt) with the negative prompts ("" by default; SDXL's empty negative is zeros), the
-    sampler in the k-diffusion view, then the VAE decode. `noise` (B, 4, H/8, W/8) fixes the initial latents.
+    sampler in the k-diffusion view, then the VAE decode. `noise` (B, 4, H/8, W/8) fixes the initial latents;
+    `control_window` the fraction of the trajectory the controls act on.
     """
     if height % 8 or width % 8:
         raise ValueError(f"height and width must be multiples of 8 (the VAE stride), got {height}x{width}")
@@ -320,9 +326,10 @@ def text_to_image(pipe: StableDiffusion, prompts: list[str], negative_prompts: l
     context, pooled = pipe.encode_prompt(prompts, clip_skip)
     uncond, uncond_pooled = pipe.encode_prompt(negative_prompts, clip_skip, zero_empty=pipe.config.zero_empty_negative)
     y, uncond_y = pipe.vector(pooled, (height, width)), pipe.vector(uncond_pooled, (height, width))
-    denoiser = cfg_denoiser(net or pipe.unet, pipe.config.schedule, context, uncond, guidance_scale,
-                            None if control_image is None else control_image.to(device), control_scale, control_uncond,
-                            y=None if y is None else y.to(device), uncond_y=None if y is None else uncond_y.to(device))
+    controls = [(model, image.to(device), scale) for model, image, scale in controls]
+    denoiser = cfg_denoiser(pipe.unet, pipe.config.schedule, context, uncond, guidance_scale, controls,
+                            y=None if y is None else y.to(device), uncond_y=None if y is None else uncond_y.to(device),
+                            window=control_window, sampler=sampler, steps=steps)
     shape = (len(prompts), pipe.config.unet.out_channels, height // 8, width // 8)
     latents = generate(denoiser, shape, pipe.config.schedule, sampler, steps, generator, device, noise=noise)
     return pipe.decode_latents(latents) if decode else latents

@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from controlnext.ablations import build_controlled_unet
 from controlnext.checkpoint import read_state, save_state
 from controlnext.config import TrainConfig
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
-from controlnext.inject import PRESETS as INJECTIONS
+from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
@@ -164,8 +163,7 @@ class ControlStage(nn.Module):
         c, r = self.config, self.config.resolution
         images = text_to_image(self.pipe, evals["prompt"], [c.empty_prompt] * len(evals["prompt"]), height=r, width=r,
                                sampler=c.sampler, steps=c.sampling_steps, guidance_scale=c.guidance_scale,
-                               generator=generator, net=self.model, control_image=evals["control"],
-                               control_scale=c.control_scale, control_uncond=INJECTIONS[c.injection].control_uncond,
+                               generator=generator, controls=[(self.model, evals["control"], c.control_scale)],
                                clip_skip=c.clip_skip).cpu()
         metrics = fill50k_metrics(images, evals["disc"], evals["circle_rgb"], evals["background_rgb"])
         return metrics, evals["control"], images

@@ -18,7 +18,7 @@ import torch
 
 import train
 from controlnext import cli
-from controlnext.ablations import ABLATIONS
+from controlnext.controlnext import ABLATIONS
 from controlnext.checkpoint import read_state
 from controlnext.config import TrainConfig
 from controlnext.data import fill50k_tokenizer, write_fill50k
