@@ -88,7 +88,7 @@ def sobel(gray: Tensor) -> tuple[Tensor, Tensor]:
     return smooth_rows[:, 2:] - smooth_rows[:, :-2], smooth_cols[2:] - smooth_cols[:-2]
 
 
-def candidates(magnitude: Tensor, gx: Tensor, gy: Tensor, low: float, interpolate: bool) -> Tensor:
+def suppress_non_maxima(magnitude: Tensor, gx: Tensor, gy: Tensor, low: float, interpolate: bool) -> Tensor:
     """(H, W) bool: pixels with magnitude > low that are a maximum along the gradient (NMS; ties as documented).
 
     NMS is evaluated at the pixels above `low` only, on flat indices into the zero-padded magnitude.
@@ -169,7 +169,8 @@ def canny(image: np.ndarray | Tensor, low: float, high: float, *, sigma: float =
           interpolate: bool = False) -> Tensor:
     """Canny edges of an (H, W) or (H, W, 3) uint8 / [0, 1] float image -> (H, W) bool (conventions above).
 
-    The defaults are cv2.Canny(gray, low, high): no blur, L1 magnitude, OpenCV's quantised NMS and ties.
+    The defaults are cv2.Canny(gray, low, high) for low <= high (cv2 would swap them; here that is an error): no
+    blur, L1 magnitude, OpenCV's quantised NMS and ties.
     """
     if not 0 <= low <= high:
         raise ValueError(f"canny: thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
@@ -184,7 +185,7 @@ def _canny_gray(gray: Tensor, low: float, high: float, sigma: float, l2_gradient
         gray = gaussian_blur(gray, sigma)
     gx, gy = sobel(gray)
     magnitude = torch.sqrt(gx * gx + gy * gy) if l2_gradient else gx.abs() + gy.abs()
-    return hysteresis(candidates(magnitude, gx, gy, low, interpolate), magnitude > high)
+    return hysteresis(suppress_non_maxima(magnitude, gx, gy, low, interpolate), magnitude > high)
 
 
 def auto_thresholds(gray: np.ndarray | Tensor) -> tuple[int, int]:

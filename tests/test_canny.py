@@ -24,8 +24,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.feature import canny as skimage_canny
 
-from controlnext.canny import (auto_thresholds, candidates, canny, canny_control, edges_to_control, gaussian_blur,
-                               hysteresis, sobel, to_gray)
+from controlnext.canny import (auto_thresholds, canny, canny_control, edges_to_control, gaussian_blur, hysteresis,
+                               sobel, suppress_non_maxima, to_gray)
 
 
 def smooth_noise(h: int, w: int, blur: float, seed: int) -> np.ndarray:
@@ -190,7 +190,7 @@ def test_hysteresis_equals_breadth_first_search(density):
     assert np.array_equal(got, bfs_hysteresis(cand, strong))
 
 
-# --- OpenCV: the official extractor ------------------------------------------------------------------------------------
+# --- OpenCV: the official extractor -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
@@ -229,7 +229,7 @@ def test_auto_thresholds_closed_form():
     assert auto_thresholds(np.zeros((3, 3))) == (0, 0)
 
 
-# --- scikit-image ------------------------------------------------------------------------------------------------------
+# --- scikit-image -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
@@ -246,7 +246,7 @@ def test_agrees_with_skimage(name, sigma):
         # blur, Sobel, interpolated NMS and hysteresis. Ties and float64 rounding could flip a pixel in principle.
         gx, gy = sobel(gaussian_blur(to_gray(img), sigma))
         magnitude = torch.sqrt(gx ** 2 + gy ** 2)
-        masked = hysteresis(candidates(magnitude, gx, gy, low, True) & ~frame, magnitude > high).numpy()
+        masked = hysteresis(suppress_non_maxima(magnitude, gx, gy, low, True) & ~frame, magnitude > high).numpy()
         assert (masked != expected).sum() <= 0.005 * expected.sum()  # measured: 0 pixels
 
 
@@ -258,7 +258,7 @@ def test_quantised_nms_is_not_skimage():
     assert (ours == expected).mean() < 0.97
 
 
-# --- API and bad input -------------------------------------------------------------------------------------------------
+# --- API and bad input ------------------------------------------------------------------------------------------------
 
 
 def test_float_and_rgb_inputs():
