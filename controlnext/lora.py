@@ -14,7 +14,8 @@ padding, up [r -> out] 1x1, merged as kohya does: (up.flatten(1) @ down.flatten(
 
 Modes: "merge" adds multiplier * scale * B A to the weights in place; "adapter" swaps each target for an
 nn.Linear / nn.Conv2d subclass that shares the layer's parameters (state-dict keys unchanged) and adds named LoRAs,
-each with its own multiplier, switchable with `set_lora_multiplier` and removable with `remove_lora`.
+each with its own multiplier, switchable with `set_lora_multiplier` and removable with `remove_lora` (plain layers
+only: a training-time controlnext/selection.py LoRALinear takes merge mode).
 Strict accounting: every tensor of the file must be one of a LoRA pair (or its alpha) and every pair must land on a
 Linear / Conv2d of the right shape; otherwise one ValueError lists what did not, and nothing is modified.
 Left out (rejected with their name): LoHa, LoKr, DoRA, LoCon's Tucker `lora_mid`, LoRA biases, full `diff` weights.
@@ -315,6 +316,9 @@ def _resolve(models: Mapping[str, nn.Module | None], lora: LoRAFile, mode: str,
             if not _fits(layer, w):
                 wrong.append(f"{w.key}: down {tuple(w.down.shape)}, up {tuple(w.up.shape)} vs {component} layer "
                              f"{ours} {type(layer).__name__} weight {tuple(layer.weight.shape)}")
+            elif mode == "adapter" and not isinstance(layer, ADAPTED) and type(layer) not in (nn.Linear, nn.Conv2d):
+                wrong.append(f"{w.key}: {component} layer {ours} is a {type(layer).__name__}: adapter mode wraps "
+                             "plain nn.Linear / nn.Conv2d layers only (merge it first, or use mode='merge')")
             elif mode == "adapter" and isinstance(layer, ADAPTED) and name in layer.loras:
                 wrong.append(f"{w.key}: {component} layer {ours} already has a LoRA named {name!r} (pass name=)")
             elif (component, ours) in resolved:

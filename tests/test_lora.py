@@ -32,6 +32,7 @@ from torch import nn
 from controlnext.checkpoint import load_clip, load_unet
 from controlnext.lora import (LoRAAdaptedConv2d, LoRAAdaptedLinear, apply_lora, load_lora, remove_lora,
                               set_lora_multiplier)
+from controlnext.selection import select_trainable
 from encoders.clip import TINY as TINY_CLIP
 from unet.keymap import unet_config_to_diffusers
 from unet.sd_unet import TINY, UNet, sdxl_vector
@@ -126,8 +127,8 @@ def ours_from(ref: nn.Module, cfg) -> UNet:
 
 def unet_inputs(cfg):
     g = torch.Generator().manual_seed(5)
-    x, t, ctx = torch.randn(2, 4, 16, 24, generator=g), torch.tensor([3, 781]), torch.randn(2, 7, cfg.context_dim,
-                                                                                            generator=g)
+    x, t = torch.randn(2, 4, 16, 24, generator=g), torch.tensor([3, 781])  # non-square latent, integer timesteps
+    ctx = torch.randn(2, 7, cfg.context_dim, generator=g)
     if not cfg.adm_channels:
         return (x, t, ctx), {}
     pooled = torch.randn(2, cfg.adm_channels - 6 * 256, generator=g)
@@ -340,6 +341,22 @@ def test_adapter_mode_equals_merge_and_switches(sd15):
         torch.testing.assert_close(adapted(*args), base(*args), atol=0, rtol=0)
     with pytest.raises(ValueError, match="no LoRA adapter named 'style'"):
         set_lora_multiplier(adapted, "style", 1.0)
+
+
+def test_adapter_mode_leaves_a_training_lora_alone(sd15):
+    _, base = sd15
+    unet = copy.deepcopy(base)
+    select_trainable(unet, "lora:2")  # to_out layers become selection.LoRALinear (a training-time adapter)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0"
+    nn.init.normal_(unet.get_submodule(name).lora_up.weight)
+    lora = load_lora(kohya_file({name.replace(".", "_"): unet.get_submodule(name)}, "lora_unet_", 17)[0])
+    with pytest.raises(ValueError, match="is a LoRALinear: adapter mode wraps plain"):
+        apply_lora(unet, None, lora, mode="adapter")
+    args, _ = unet_inputs(TINY)
+    with torch.no_grad():
+        before = unet(*args)
+        apply_lora(unet, None, lora)  # merge mode adds to its frozen weight, its own LoRA path stays
+        assert (unet(*args) - before).abs().max() > 1e-3 and hasattr(unet.get_submodule(name), "lora_up")
 
 
 # --- strict accounting ------------------------------------------------------------------------------------------------
