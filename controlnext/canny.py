@@ -4,8 +4,9 @@ Paper: J. Canny, "A Computational Approach to Edge Detection", IEEE TPAMI 8(6), 
 non-maximum suppression (NMS) along the gradient direction, double threshold, hysteresis.
 Reference: dvlab-research/ControlNeXt@ab4b3ac:ControlNeXt-SDXL/utils/preprocess.py `canny_extractor` (RGB ->
 cv2 gray, thresholds from the median, `cv2.Canny(gray, low, high)`; ../shared/reference/controlnext.md §5), which
-calls opencv/opencv modules/imgproc/src/canny.cpp. `canny()` with its defaults equals that call pixel for pixel, and
-`canny_control()` equals the whole official extractor (tests/test_canny.py checks both against cv2 5.0).
+runs opencv/opencv@00367cf:modules/imgproc/src/canny.cpp. `canny()` with its defaults equals that call pixel for
+pixel, and `canny_control()` equals the whole official extractor (tests/test_canny.py checks both against cv2 5.0.0).
+The interpolated NMS option follows scikit-image/scikit-image@3e0a06b:skimage/feature/_canny_cy.pyx.
 
 Conventions (and where they equal OpenCV's):
 - intensities: thresholds always refer to the 0..255 scale: uint8 images as they are, float images in [0, 1] times 255.
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GRAY_WEIGHTS_FIXED = (9798, 19235, 3735)  # OpenCV 8-bit RGB2GRAY, 15-bit fixed point (they sum to 2^15)
+GRAY_WEIGHTS_FIXED = (9798, 19235, 3735)  # OpenCV 4.x/5.x 8-bit RGB2GRAY: RY15, GY15, BY15 (sum 2^15), shift 15
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, the same weights unrounded (float images)
 TAN22_FIXED, TAN67_FIXED = 13573, 79109  # OpenCV canny.cpp: round(tan(22.5 deg) 2^15), that + 2^16
 MEDIAN_SIGMA = 0.33  # official SDXL extractor: thresholds (1 -/+ 0.33) * median of the gray image

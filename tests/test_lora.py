@@ -175,21 +175,25 @@ def test_kohya_sd15_merges_as_by_hand(sd15):
     unet = copy.deepcopy(base)
     te = hf_text(False)[1]
     layers = {n.replace(".", "_"): unet.get_submodule(n) for n in SD15_TARGETS}
+    original = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"  # some SD1.5 files use LDM names
+    layers["input_blocks_1_1_transformer_blocks_0_attn2_to_v"] = unet.get_submodule(original)
     # alphas: one per layer, one missing (scale 1)
     state, expected = kohya_file(layers, "lora_unet_", 0, alpha=lambda layer, rank: None if rank == 3 else 1.5 * rank)
     te_state, te_expected = kohya_file({n.replace(".", "_"): te.get_submodule(n) for n in TE_TARGETS}, "lora_te_", 1)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     te_before = {k: v.clone() for k, v in te.state_dict().items()}
     lora = load_lora({**state, **te_state})
-    assert lora.format == "kohya" and len(lora.targets) == len(SD15_TARGETS) + len(TE_TARGETS)
+    assert lora.format == "kohya" and len(lora.targets) == len(SD15_TARGETS) + 1 + len(TE_TARGETS)
     applied = apply_lora(unet, {"text_encoder": te}, lora, multiplier=0.7)
-    assert applied == sorted([f"unet:{n}" for n in SD15_TARGETS] + [f"text_encoder:{n}" for n in TE_TARGETS])
+    targets = SD15_TARGETS + [original]
+    assert applied == sorted([f"unet:{n}" for n in targets] + [f"text_encoder:{n}" for n in TE_TARGETS])
     after = unet.state_dict()
-    for name in SD15_TARGETS:
-        down, up, scale = expected[name.replace(".", "_")]
+    for name in targets:
+        down, up, scale = expected[name.replace(".", "_") if name != original else
+                                   "input_blocks_1_1_transformer_blocks_0_attn2_to_v"]
         expected_weight = before[name + ".weight"] + 0.7 * hand_delta(down, up, scale)
         torch.testing.assert_close(after[name + ".weight"], expected_weight, atol=1e-6, rtol=1e-6)
-    untouched = set(before) - {n + ".weight" for n in SD15_TARGETS}
+    untouched = set(before) - {n + ".weight" for n in targets}
     assert all(torch.equal(after[k], before[k]) for k in untouched)  # the same tensors, nothing else written
     for name in TE_TARGETS:
         down, up, scale = te_expected[name.replace(".", "_")]
