@@ -444,36 +444,23 @@ def test_bad_files_are_one_clear_error(sd15, tmp_path):
 # --- independent references -------------------------------------------------------------------------------------------
 
 
-def test_kohya_sd15_equals_diffusers(sd15):
-    ref, base = sd15
-    layers = {n.replace(".", "_"): base.get_submodule(n) for n in SD15_TARGETS}
-    state, _ = kohya_file(layers, "lora_unet_", 12, alpha=locon_alpha)
+@pytest.mark.parametrize("which", ["sd15", "sdxl"])
+def test_kohya_equals_diffusers(which, request):
+    ref, base = request.getfixturevalue(which)
+    cfg, loader = ((TINY, StableDiffusionLoraLoaderMixin) if which == "sd15" else
+                   (TINY_XL, StableDiffusionXLLoraLoaderMixin))  # the SDXL one remaps input_blocks names itself
+    names = {n.replace(".", "_"): n for n in SD15_TARGETS} if which == "sd15" else SDXL_TARGETS
+    state, _ = kohya_file({k: base.get_submodule(v) for k, v in names.items()}, "lora_unet_", 12, alpha=locon_alpha)
     ours = copy.deepcopy(base)
     apply_lora(ours, None, load_lora(state))
     ref = copy.deepcopy(ref)
-    converted, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(state))
-    StableDiffusionLoraLoaderMixin.load_lora_into_unet(converted, alphas, ref, adapter_name="a")
-    args, ref_kwargs = unet_inputs(TINY)
+    converted, alphas = loader.lora_state_dict(dict(state), unet_config=ref.config)
+    loader.load_lora_into_unet(converted, alphas, ref, adapter_name="a")
+    args, ref_kwargs = unet_inputs(cfg)
     with torch.no_grad():
         expected = ref(*args[:3], **ref_kwargs).sample
         torch.testing.assert_close(ours(*args), expected, **TOL)
         assert (expected - base(*args)).abs().max() > 0.1  # the LoRA changes the output
-
-
-def test_kohya_sdxl_equals_diffusers(sdxl):
-    ref, base = sdxl
-    state, _ = kohya_file({k: base.get_submodule(v) for k, v in SDXL_TARGETS.items()}, "lora_unet_", 13,
-                          alpha=locon_alpha)
-    ours = copy.deepcopy(base)
-    apply_lora(ours, None, load_lora(state))
-    ref = copy.deepcopy(ref)
-    converted, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(state), unet_config=ref.config)
-    StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(converted, alphas, ref, adapter_name="a")
-    args, ref_kwargs = unet_inputs(TINY_XL)
-    with torch.no_grad():
-        expected = ref(*args[:3], **ref_kwargs).sample
-        torch.testing.assert_close(ours(*args), expected, **TOL)
-        assert (expected - base(*args)).abs().max() > 0.1
 
 
 def test_peft_file_equals_diffusers(sdxl, tmp_path):
