@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from controlnext import cli
 from controlnext.ablations import build_controlled_unet
-from controlnext.checkpoint import load_into, read_state, strip_prefix
+from controlnext.checkpoint import load_into, read_metadata, read_state, strip_prefix
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import VOCAB, fill50k_example, load_image
 from controlnext.inject import PRESETS as INJECTIONS
@@ -57,8 +56,7 @@ def main(config: SampleConfig) -> None:
     import train  # TrainConfig: the run's settings (models, codec, noise schedule)
     train_config = train.TrainConfig()
     if config.checkpoint:
-        with safe_open(config.checkpoint, framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = read_metadata(config.checkpoint)
         if "config" not in meta:
             raise ValueError(f"{config.checkpoint}: no training config in its metadata; is it a train.py checkpoint?")
         train_config = cli.from_dict(train.TrainConfig, json.loads(meta["config"]))

@@ -11,6 +11,8 @@ stripped (SINGLE_FILE below says which rows follow which prefix).
 
 from __future__ import annotations
 
+from encoders.clip import CLIPConfig
+
 # --- transformers layout (identity). Stored position_ids are dropped: some merges hold corrupted values (§1, §12.11).
 HF_TEXT = [
     ("text_model.embeddings.position_ids", None),
@@ -88,3 +90,31 @@ SINGLE_FILE = {
     "conditioner.embedders.1.model.": OPENCLIP_TEXT,  # SDXL embedder 1: OpenCLIP bigG text with projection
     "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,  # SVD: OpenCLIP ViT-H image tower + text leftovers
 }
+
+# --- Export to the original single files: the rows whose inverse writes each prefix's naming (HF-named towers need
+# none). SD2's file has 24 resblocks and a projection; a 23-layer tower exports its 23, which is what SD2 runs
+# (penultimate layer), and LDM/SGM load single files non-strictly.
+EXPORT = {
+    "cond_stage_model.transformer.": [],
+    "cond_stage_model.model.": OPENCLIP_TEXT,
+    "conditioner.embedders.0.transformer.": [],
+    "conditioner.embedders.1.model.": OPENCLIP_TEXT,
+    "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,
+}
+
+
+def clip_config_to_hf(cfg: CLIPConfig) -> dict:
+    """The transformers config.json of the tower `cfg` describes (the inverse of encoders.clip.config_from_hf)."""
+    arch = ("CLIPVisionModel" if cfg.vision else "CLIPTextModel") + ("WithProjection" if cfg.projection_dim else "")
+    d = {"architectures": [arch], "model_type": "clip_vision_model" if cfg.vision else "clip_text_model",
+         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+         "num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
+         "hidden_act": "quick_gelu" if cfg.quick_gelu else "gelu", "layer_norm_eps": cfg.layer_norm_eps,
+         "attention_dropout": 0.0, "dropout": 0.0}
+    if cfg.projection_dim:
+        d["projection_dim"] = cfg.projection_dim
+    if cfg.vision:
+        return d | {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": 3}
+    # eos_token_id is the real id (not the legacy placeholder 2), so transformers pools at the first eos, as ours
+    return d | {"vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+                "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.eos_token_id - 1, "pad_token_id": 1}

@@ -17,7 +17,8 @@ import torch
 import transformers
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 
-from controlnext.checkpoint import KeyMap, check_state, load_clip, save_state
+from controlnext.checkpoint import KeyMap, check_state, save_state
+from controlnext.loaders import load_clip
 from encoders import keymap
 from encoders.clip import (CLIP_MEAN, CLIP_STD, OPENCLIP_BIGG_TEXT, OPENCLIP_H_TEXT, OPENCLIP_H_VISION, PRESETS, TINY,
                            TINY_VISION, CLIPConfig, CLIPTextModel, CLIPVisionModel, build_clip, count_parameters,

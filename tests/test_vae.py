@@ -24,7 +24,8 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from controlnext.checkpoint import KeyMap, load_temporal_vae, load_vae, read_state, save_state, save_vae
+from controlnext.checkpoint import KeyMap, read_state, save_state
+from controlnext.loaders import load_temporal_vae, load_vae, save_vae
 from vae.keymap import vae_config_to_diffusers
 from vae.autoencoder import SD, TINY, AutoencoderKL, tiled
 from vae.keymap import SD_VAE_ROWS, SVD_FIRST_STAGE_ROWS
