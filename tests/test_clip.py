@@ -122,6 +122,7 @@ PROMPTS = [
     "café naïve e\u0301 Über STRASSE 東京タワー привет 🤖🚀 ﬁ ＡＢＣ İstanbul",  # unicode, NFC, wide forms
     "tab\tnew\nline\u00a0nbsp\u2003em  ",  # whitespace folding
     "<|endoftext|> a <|startoftext|>",  # literal special tokens
+    "<|ENDOFTEXT|> b <|StartOfText|> c<|endoftext|>d",  # specials match case-sensitively: other spellings are text
     " ".join(["photograph"] * 100),  # over-length: truncated to bos + 75 + eos
     "a" * 300,  # one very long word
 ]
@@ -328,6 +329,8 @@ def test_tokenizer_from_openclip_bpe_file_and_documented_differences(tmp_path):
     # Where we follow the original CLIP tokenizer and transformers does not (module docstring of tokenizer.py):
     assert folder.encode("salt &amp; pepper") == folder.encode("salt & pepper")  # HTML unescaped (twice)
     assert folder.encode("&amp;lt;") == folder.encode("<")
-    assert folder.encode("<|ENDOFTEXT|>") == [folder.eos_id]  # specials matched after lower-casing
+    assert folder.eos_id not in folder.encode("<|ENDOFTEXT|>")  # only the exact spelling is special (issue 15.14)
+    assert folder.encode("a<|endoftext|>b") == [*folder.encode("a"), folder.eos_id, *folder.encode("b")]
     assert folder.encode("x\x1cy") == folder.encode("x y")  # Python's \s folds U+001C like the original
-    assert clean_text("ΣΑΣ") == "σας"  # str.lower: final sigma (transformers lower-cases per character)
+    assert folder.encode("ΣΑΣ") == folder.encode("σας")  # str.lower: final sigma (transformers lower-cases per character)
+    assert clean_text(" A  <|ENDOFTEXT|> ") == "A <|ENDOFTEXT|>"  # not lower-cased: specials are matched on this text
