@@ -247,11 +247,11 @@ def write_folder(folder: str | Path, files: Mapping[str, Callable[[Path], None]]
     replaces `folder` (the old one is renamed aside first and restored if the swap fails)."""
     folder = Path(folder)
     if folder.exists():
-        strangers = sorted(p.name for p in folder.iterdir() if not (p.is_file() and MODEL_FOLDER_FILE.fullmatch(p.name)))
-        if not folder.is_dir() or strangers:
-            raise ValueError(f"{folder}: exists and is not a model folder that may be replaced "
-                             f"({'a file' if not folder.is_dir() else 'it holds ' + ', '.join(strangers[:5])}); "
-                             "write to a new or empty folder")
+        strangers = sorted(p.name for p in folder.iterdir() if not (p.is_file() and MODEL_FOLDER_FILE.fullmatch(p.name))
+                           ) if folder.is_dir() else [f"{folder.name} is a file"]
+        if strangers:
+            raise ValueError(f"{folder}: exists and is not a model folder that may be replaced (it holds "
+                             f"{', '.join(strangers[:5])}); write to a new or empty folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     aside = staging.with_name(staging.name[:-len(".tmp")] + ".old")
