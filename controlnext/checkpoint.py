@@ -166,7 +166,8 @@ def read_file(path: str | Path) -> StateDict:
         if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
             raise cannot_read(path, "it does not hold a flat dict of tensors")
         return dict(obj)
-    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors, .ckpt, .pt, .pth, .bin)")
+    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} "
+                     f"(expected .safetensors or {', '.join(TORCH_SUFFIXES)})")
 
 
 def read_folder(folder: str | Path) -> StateDict:
@@ -204,7 +205,7 @@ MODEL_FOLDER_FILE = re.compile(r"(config\.json|.+\.safetensors|.+\.bin|.+\.index
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # os.umask can only be read by setting it: put it straight back
+    mask = os.umask(0o022)  # the umask can only be read by setting it: put it straight back
     os.umask(mask)
     return mask
 
@@ -225,10 +226,8 @@ def _write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def save_state(state: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically. Tensors that share memory (views) are written as copies."""
+    """Write a safetensors file atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    storages = [t.untyped_storage().data_ptr() for t in tensors.values()]
-    tensors = {k: t.clone() if storages.count(p) > 1 else t for (k, t), p in zip(tensors.items(), storages)}
     _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -290,10 +289,9 @@ TRANSFORMS: dict[str, Callable[[str, Tensor], StateDict]] = {
     "transpose": lambda k, t: {k: t.t().contiguous()},  # OpenCLIP x @ W projections <-> nn.Linear weight
     "split_qkv": _split_qkv,
 }
-# Joins gather several source keys into one: (placeholder whose values are joined, in this order, function).
-JOINS: dict[str, tuple[str, str, Callable[[list[Tensor]], Tensor]]] = {
-    "join_qkv": ("qkv", "qkv", lambda parts: torch.cat(parts, dim=0)),  # q, k, v -> OpenCLIP's fused in_proj
-}
+# Joins gather the keys that differ only in one placeholder into one tensor, concatenated along dim 0 in the order
+# of the placeholder's values: q, k, v -> OpenCLIP's fused in_proj (the inverse of split_qkv).
+JOINS = {"join_qkv": "qkv"}
 INVERSE_TRANSFORMS = {"squeeze_1x1": "unsqueeze_1x1", "unsqueeze_1x1": "squeeze_1x1", "transpose": "transpose",
                       "split_qkv": "join_qkv"}
 
@@ -307,7 +305,7 @@ class KeyMap:
     def __init__(self, rows: Iterable[Row]):
         self.rows = [(*row, None) if len(row) == 2 else tuple(row) for row in rows]
         self.literal: dict[str, tuple[str | None, str | None]] = {}  # source prefix -> (target prefix, transform)
-        self.patterns: list[tuple[re.Pattern, int, str | None, str | None]] = []
+        self.patterns: list[tuple[re.Pattern, int, str | None, str | None]] = []  # (regex, rank, target, transform)
         for source, target, transform in self.rows:
             if transform is not None and transform not in TRANSFORMS and transform not in JOINS:
                 raise ValueError(f"key-map row {source!r}: unknown transform {transform!r}")
@@ -356,16 +354,17 @@ class KeyMap:
             if target is None:
                 continue  # an explicit drop row
             if transform in JOINS:
-                joins.setdefault(target + rest, (transform, {}))[1][groups[JOINS[transform][0]]] = (key, tensor)
+                joins.setdefault(target + rest, (transform, {}))[1][groups[JOINS[transform]]] = (key, tensor)
                 continue
-            for new_key, value in (TRANSFORMS[transform](target + rest, tensor) if transform else {target + rest: tensor}).items():
+            pieces = TRANSFORMS[transform](target + rest, tensor) if transform else {target + rest: tensor}
+            for new_key, value in pieces.items():
                 put(new_key, value, key)
         for new_key, (transform, parts) in joins.items():
-            _, order, join = JOINS[transform]
+            order = JOINS[transform]  # the placeholder's values, in their order
             if sorted(parts) != sorted(order):
-                raise ValueError(f"key map: {new_key!r} joins {', '.join(order)} but got only {', '.join(sorted(parts))} "
-                                 f"(from {', '.join(k for k, _ in parts.values())})")
-            put(new_key, join([parts[p][1] for p in order]), parts[order[0]][0])
+                raise ValueError(f"key map: {new_key!r} joins {', '.join(order)} but got only "
+                                 f"{', '.join(sorted(parts))} (from {', '.join(k for k, _ in parts.values())})")
+            put(new_key, torch.cat([parts[p][1] for p in order], dim=0), parts[order[0]][0])
         return out, origin
 
     def inverse(self) -> KeyMap:
@@ -394,7 +393,7 @@ def check_state(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[s
                             ("wrong shapes", wrong)):
             if keys:
                 lines.append(f"  {title}:")
-                lines += [f"    {k}" for k in keys[:25]] + ([f"    ... and {len(keys) - 25} more"] if len(keys) > 25 else [])
+                lines += [f"    {k}" for k in keys[:25]] + [f"    ... and {len(keys) - 25} more"] * (len(keys) > 25)
         raise ValueError("\n".join(lines))
 
 

@@ -58,14 +58,15 @@ def where(source: Source) -> str:
     return "state dict" if isinstance(source, Mapping) else str(source)
 
 
-def component(source: Source, names: tuple[str, ...]) -> Source:
-    """The component folder of a diffusers pipeline folder (the first of `names` it has), else `source` itself."""
+def component(source: Source, name: str) -> Source:
+    """The `name` folder (unet, vae) of a diffusers pipeline folder, else `source` itself."""
     if isinstance(source, Mapping) or not Path(source).is_dir():
         return source
-    found = [Path(source) / name for name in names if (Path(source) / name).is_dir()]
-    if not found and (Path(source) / "model_index.json").is_file():
-        raise ValueError(f"{source}: a pipeline folder without {' or '.join(n + '/' for n in names)}")
-    return found[0] if found else source
+    if (Path(source) / name).is_dir():
+        return Path(source) / name
+    if (Path(source) / "model_index.json").is_file():
+        raise ValueError(f"{source}: a pipeline folder without {name}/")
+    return source
 
 
 def folder_config(source: Source) -> dict | None:
@@ -112,7 +113,7 @@ def load_unet(source: Source, config=None, *, dtype: torch.dtype | None = None) 
     """Our UNet from a diffusers or original single file, a diffusers `unet/` or pipeline folder, or a state dict.
     `config`: a preset name, a UNetConfig or diffusers config.json fields; by default the folder's config.json,
     else detected from the weights (sd15 / sd21 / sdxl). Every key is accounted for; nothing is half-loaded."""
-    source = component(source, ("unet",))
+    source = component(source, "unet")
     config = config if config is not None else folder_config(source)
     state, prefix = _read_unet(source)
     if not isinstance(config, (Mapping, UNetConfig)):
@@ -132,7 +133,7 @@ def load_svd_unet(source: Source, config=None, *, dtype: torch.dtype | None = No
     """Our SVDUNet from svd*.safetensors (`model.diffusion_model.`), a diffusers `unet/` or pipeline folder or file,
     or a state dict. `config`: a preset name, an SVDUNetConfig or diffusers config.json fields; by default the
     folder's config.json, else svd_xt for full-size weights. Every key is accounted for; nothing is half-loaded."""
-    source = component(source, ("unet",))
+    source = component(source, "unet")
     config = config if config is not None else folder_config(source)
     state, prefix = _read_unet(source)
     if not any(".time_stack." in k or ".temporal_res_block." in k for k in state):
@@ -147,7 +148,8 @@ def load_svd_unet(source: Source, config=None, *, dtype: torch.dtype | None = No
         config = SVD_XT
     elif isinstance(config, str):
         if config not in SVD_PRESETS:
-            raise ValueError(f"{where(source)}: unknown SVD UNet preset {config!r} (expected one of {sorted(SVD_PRESETS)})")
+            raise ValueError(f"{where(source)}: unknown SVD UNet preset {config!r} "
+                             f"(expected one of {sorted(SVD_PRESETS)})")
         config = SVD_PRESETS[config]
     config = svd_unet_config_from_diffusers(config) if isinstance(config, Mapping) else config
     rows = svd_unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
@@ -179,7 +181,7 @@ def save_svd_unet(model: SVDUNet, path: str | Path, layout: str = "diffusers") -
 def _vae_source(source: Source, config, temporal: bool) -> tuple[Source, StateDict, VAEConfig | TemporalVAEConfig]:
     """(source, state, config) for a file, a vae/ or pipeline folder, or a state dict; `config` a preset name
     (default "sd" / "svd"), a config, or config.json fields (a folder's config.json is read)."""
-    source = component(source, ("vae",))
+    source = component(source, "vae")
     config = config if config is not None else folder_config(source)
     presets, kind = (VIDEO_VAE_PRESETS, TemporalVAEConfig) if temporal else (VAE_PRESETS, VAEConfig)
     state = read_state(source)
@@ -362,7 +364,8 @@ def original_state(model: nn.Module, component: str) -> StateDict:
     if isinstance(model, TemporalAutoencoder):  # SVD: decoder in the first stage, encoder + quant_conv in embedder 3
         out, _ = KeyMap(SVD_RELEASE_ROWS).inverse().apply(state)
         encoder, _ = KeyMap(ENCODER_ROWS).inverse().apply({k: v for k, v in state.items() if k.startswith("encoder.")})
-        return out | {prefix + k: v for k, v in encoder.items()}  # SGM's first stage keeps its own encoder copy
+        # SGM's first stage keeps its own copy of the encoder (cloned: a file cannot hold two views of one tensor)
+        return out | {prefix + k: v.clone() for k, v in encoder.items()}
     if component == "unet":
         rows = svd_unet_original_rows(model.config) if isinstance(model, SVDUNet) else unet_original_rows(model.config)
     else:

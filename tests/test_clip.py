@@ -397,5 +397,5 @@ def test_tokenizer_from_openclip_bpe_file_and_documented_differences(tmp_path):
     assert folder.eos_id not in folder.encode("<|ENDOFTEXT|>")  # only the exact spelling is special (issue 15.14)
     assert folder.encode("a<|endoftext|>b") == [*folder.encode("a"), folder.eos_id, *folder.encode("b")]
     assert folder.encode("x\x1cy") == folder.encode("x y")  # Python's \s folds U+001C like the original
-    assert folder.encode("ΣΑΣ") == folder.encode("σας")  # str.lower: final sigma (transformers lower-cases per character)
+    assert folder.encode("ΣΑΣ") == folder.encode("σας")  # str.lower: final sigma (transformers: per character)
     assert clean_text(" A  <|ENDOFTEXT|> ") == "A <|ENDOFTEXT|>"  # not lower-cased: specials are matched on this text

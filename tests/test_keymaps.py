@@ -145,7 +145,8 @@ def test_clip_tables_map_the_original_files(fixture, part, config, not_exported)
     renamed, _ = KeyMap(clip_keymap.SINGLE_FILE[prefix]).apply(recorded(fixture))
     assert [name for name, preset_shapes in clip_preset_shapes().items() if preset_shapes == shapes(renamed)] == \
         [name for name, preset in CLIP_PRESETS.items() if preset == config]
-    expected = {k: s for k, s in shapes(recorded(fixture, prefix)).items() if not k[len(prefix):].startswith(not_exported)}
+    expected = {k: s for k, s in shapes(recorded(fixture, prefix)).items()
+                if not k[len(prefix):].startswith(not_exported)}
     assert shapes(original_state(model, part)) == expected
 
 

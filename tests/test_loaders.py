@@ -181,7 +181,8 @@ def test_folder_save_is_one_unit(tmp_path, monkeypatch):
 
 def test_every_loader_takes_a_pipeline_folder(tmp_path):
     sd, svd = tmp_path / "sd", tmp_path / "svd"
-    unet, vae, text, text_2 = UNet(TINY), AutoencoderKL(TINY_VAE), build_clip(replace(TINY_CLIP, projection_dim=None)), build_clip(TINY_CLIP)
+    unet, vae = UNet(TINY), AutoencoderKL(TINY_VAE)
+    text, text_2 = build_clip(replace(TINY_CLIP, projection_dim=None)), build_clip(TINY_CLIP)
     save_unet(unet, sd / "unet")
     save_vae(vae, sd / "vae")
     save_clip(text, sd / "text_encoder")

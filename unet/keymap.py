@@ -5,8 +5,8 @@ Our module names equal diffusers', so the diffusers layout needs no rows. These 
 controlnext/checkpoint.py's engine: `(original_prefix, our_prefix)`, longest prefix wins, and `KeyMap.inverse()`
 gives the export direction. Block indices are written out literally per structure, as the original code numbers
 them (../shared/reference/checkpoints.md §3.2-3.4); spatial transformers have identical inner names in both layouts.
-Checked in tests/test_unet_reference.py against diffusers' own converter (convert_ldm_unet_checkpoint) and in
-tests/test_svd_unet.py against the recorded svd_xt key list.
+Checked in tests/test_keymaps.py against the full key lists of the original LDM/SGM models and of diffusers
+(tests/fixtures/), and in tests/test_unet_reference.py against diffusers' own converter (convert_ldm_unet_checkpoint).
 """
 
 from __future__ import annotations
