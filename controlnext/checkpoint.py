@@ -1,84 +1,185 @@
-"""Checkpoint I/O and the one key-map engine (STYLE.md §4).
+"""The checkpoint engine (STYLE.md §4): read and write weight files and folders, rename keys with data rows, load
+with strict accounting. The model loaders built on it are controlnext/loaders.py and controlnext/releases.py.
 
-Reads safetensors / torch files / diffusers folders into flat state dicts, renames keys with prefix-level rows
-(`(source_prefix, our_prefix[, transform])`, `{name}` placeholders match an integer), and loads into a model with
-strict accounting: every source key is used, every target is filled, every shape matches, or one error lists
-what is wrong under the names the user's file uses. Nothing is loaded until everything checks out.
-
-Matching rule: for each key the row with the longest matching source prefix wins (order-independent), a row
-mapping to None drops the key, and a key no row matches keeps its name (identity: our module names equal the
-diffusers names). Reference for the formats: ../shared/reference/checkpoints.md §1, §7.
-Left out: pickled modules (only `torch.load(weights_only=True)`), downloads of any kind.
+- Reading: safetensors (an 8-byte header length, a JSON header, raw bytes; checkpoints.md §1) is parsed here so that
+  each tensor gets its own copy-on-write memory map: nothing is read before it is used, and a tensor cast to another
+  dtype frees its pages at once. Torch files go through torch's weights-only unpickler; the training objects legacy
+  .ckpt files pickle beside the tensors (Lightning's ModelCheckpoint, numpy scalars) unpickle to an inert stub, as
+  the common web UIs' restricted unpicklers do; any other Python object is an error that names it. Every failure is
+  one ValueError "cannot read checkpoint PATH: <reason>", which never suggests unsafe loading.
+- Renaming: rows `(source_prefix, our_prefix[, transform])`; `{name}` matches an integer, `{qkv}` one of q, k, v; the
+  longest matching source prefix wins (order-independent); a row to None drops the key; unmatched keys keep their
+  name (our module names equal the diffusers names). `KeyMap.inverse()` is the export direction.
+- Loading: every source key used, every target filled, every shape equal, or one error listing what is wrong in the
+  file's own names, before anything is written. A model built on the meta device gets the (mapped) tensors
+  assigned in their stored dtype, cast only when a dtype is asked for.
+- Writing: a file via a temporary sibling and os.replace; a model folder staged whole beside its place, then swapped
+  in, so a failure leaves the old folder whole. Modes follow the umask.
+Left out: downloads of any kind, pickled modules, big-endian safetensors.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import pickle
 import re
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 Row = tuple[str, str | None] | tuple[str, str | None, str]
 StateDict = dict[str, Tensor]
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading and writing files
-# ---------------------------------------------------------------------------------------------------------------------
+# --- reading -----------------------------------------------------------------------------------------------------
 
-# Weight file names of diffusers / transformers folders, in the order we look for them.
-FOLDER_WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Weight files of diffusers / transformers model folders, in the order we look for them (checkpoints.md §7.1).
+FOLDER_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                       "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+                       "diffusion_pytorch_model.bin", "pytorch_model.bin")
 INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 
+class _Inert:
+    """What an allow-listed training object unpickles to: it runs no code and keeps nothing."""
+
+    def __init__(self, *args, **kwargs): ...
+
+    def __setstate__(self, state): ...
+
+
+# Objects legacy SD1.x .ckpt files pickle beside their tensors (Lightning callback state, numpy scalars and arrays of
+# its scores, under numpy 1 and numpy 2 names). Read as _Inert; the tensors the loaders want are never among them.
+INERT_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                 "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+                 "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+                 "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                 "numpy.dtype", "numpy.ndarray")
+
+
+def cannot_read(path: str | Path, reason: str) -> ValueError:
+    return ValueError(f"cannot read checkpoint {path}: {reason}")
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """The checked JSON header of a safetensors file and the byte offset where its tensor data begins."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise cannot_read(path, f"not a readable safetensors file (a header of {length} bytes in {size} bytes:"
+                                    " truncated, or not safetensors)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            raise cannot_read(path, "not a readable safetensors file (its header is not JSON)") from None
+    data_bytes = size - 8 - length
+    for name, info in (header.items() if isinstance(header, dict) else [("header", None)]):
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape, dtype = info["shape"], SAFETENSORS_DTYPES[info["dtype"]]
+            numel = torch.Size(shape).numel()
+            fits = 0 <= begin <= end <= data_bytes and end - begin == numel * dtype.itemsize
+        except (KeyError, TypeError, ValueError):
+            fits = False
+        if not fits:
+            raise cannot_read(path, f"not a readable safetensors file (the entry of {name!r} does not fit "
+                                    f"the {data_bytes} data bytes: truncated or corrupt)")
+    return header, 8 + length
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file (train.py writes the run config there); {} if none."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a .safetensors file" + ("" if path.is_file() else " (not found)"))
+    return dict(read_header(path)[0].get("__metadata__") or {})
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    header, start = read_header(path)
+    state: StateDict = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if begin == end:
+                state[name] = torch.empty(shape, dtype=dtype)
+                continue
+            # One copy-on-write map per tensor (a whole-file map would keep every page resident until the last
+            # tensor is gone); maps start on an allocation-granularity boundary.
+            offset = start + begin
+            aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+            pages = mmap.mmap(f.fileno(), start + end - aligned, access=mmap.ACCESS_COPY, offset=aligned)
+            flat = torch.frombuffer(pages, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset - aligned)
+            state[name] = flat.reshape(shape)
+    return state
+
+
+def read_torch(path: str | Path) -> object:
+    """The object in a torch file (a .ckpt, a .bin, a training state .pt), read without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise cannot_read(path, "the file is empty")
+    try:
+        with torch.serialization.safe_globals([(_Inert, name) for name in INERT_GLOBALS]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # torch's advice (which suggests unsafe loading) is deliberately not passed on
+            raise cannot_read(path, f"it stores the Python object {found[1]!r}, which is not on this reader's list "
+                                    "of inert objects; only tensors and known training objects are read") from None
+        raise cannot_read(path, "not a torch checkpoint (its contents do not unpickle)") from None
+    except Exception:  # truncated zip archives, bad magic numbers, early EOF, ...: torch raises many types
+        raise cannot_read(path, "truncated or corrupt (not a complete torch file)") from None
+
+
 def read_file(path: str | Path) -> StateDict:
-    """All tensors of one weight file: .safetensors directly, .ckpt/.pt/.pth/.bin through torch.load(weights_only)."""
+    """All tensors of one weight file: .safetensors (memory-mapped) or a torch file (its `state_dict` if it has one)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled objects; zip errors mean truncation
-            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({e}); "
-                             "use the .safetensors version of this checkpoint") from None
+        return _read_safetensors(path)
+    if path.suffix in TORCH_SUFFIXES:
+        obj = read_torch(path)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]  # LDM / Lightning .ckpt: tensors sit under "state_dict"
+            obj = obj["state_dict"]  # LDM / Lightning .ckpt: the tensors sit under "state_dict"
         if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-            raise ValueError(f"{path}: does not hold a flat dict of tensors")
+            raise cannot_read(path, "it does not hold a flat dict of tensors")
         return dict(obj)
-    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (expected .safetensors, .ckpt, .pt, .bin)")
+    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} "
+                     f"(expected .safetensors or {', '.join(TORCH_SUFFIXES)})")
 
 
 def read_folder(folder: str | Path) -> StateDict:
-    """Tensors of a diffusers/transformers model folder (single file or sharded with an index json)."""
+    """Tensors of a diffusers/transformers model folder (one weight file, or shards listed by an index json)."""
     folder = Path(folder)
     for name in INDEX_FILES:
         if (folder / name).is_file():
-            weight_map = json.loads((folder / name).read_text())["weight_map"]
-            state: StateDict = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(read_file(folder / shard))
-            return state
+            try:
+                shards = sorted(set(json.loads((folder / name).read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise cannot_read(folder / name, "not a shard index (no weight_map object)") from None
+            return {k: v for shard in shards for k, v in read_file(folder / shard).items()}
     for name in FOLDER_WEIGHT_FILES:
         if (folder / name).is_file():
             return read_file(folder / name)
@@ -86,158 +187,192 @@ def read_folder(folder: str | Path) -> StateDict:
 
 
 def read_state(source: str | Path | Mapping[str, Tensor]) -> StateDict:
-    """A flat state dict from a file, a model folder, or an in-memory mapping."""
+    """A flat state dict from a file, a model folder, or an in-memory mapping (copied, not cloned)."""
     if isinstance(source, Mapping):
         return dict(source)
     return read_folder(source) if Path(source).is_dir() else read_file(source)
 
 
-def read_torch(path: str | Path) -> object:
-    """A torch.save file read with weights_only=True; one clear error if it cannot be (never a hint to unpickle)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip, EOF and unpickling errors all mean the same thing here
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read checkpoint {path}: truncated, corrupt or not a weights-only torch file "
-                         f"({type(e).__name__}: {reason})") from None
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:
+    """The tensors under `prefix`, with the prefix removed (e.g. `model.diffusion_model.` of a single file)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The `__metadata__` strings of a safetensors file ({} for other files or none)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+# --- writing -----------------------------------------------------------------------------------------------------
+
+# What a model folder may hold for write_folder to replace it: anything else means the path is not ours to delete.
+MODEL_FOLDER_FILE = re.compile(r"(config\.json|.+\.safetensors|.+\.bin|.+\.index\.json)")
 
 
-def list_keys(path: str | Path) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, dtype, shape) of every tensor in a safetensors file, read from the header only (fixtures, §4.5)."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return sorted((k, v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__")
+def _umask() -> int:
+    mask = os.umask(0o022)  # the umask can only be read by setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
-def save_state(state: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, then an os.replace."""
+def _write_atomic(path: str | Path, write: Callable[[str], None]) -> None:
+    """write(temporary sibling), give it the umask's mode, then os.replace it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file gets the mode of any other
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_state(state: Mapping[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_torch(obj: object, path: str | Path) -> None:
     """torch.save atomically (training state: optimizer, RNG, step, config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(obj: object, path: str | Path) -> None:
+    """A JSON file (config.json), written atomically."""
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def write_folder(folder: str | Path, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """A model folder as one unit: files[name](path) writes each file into a sibling staging folder, which then
+    replaces `folder` (the old one is renamed aside first and restored if the swap fails)."""
+    folder = Path(folder)
+    if folder.exists():
+        strangers = sorted(p.name for p in folder.iterdir() if not (p.is_file() and MODEL_FOLDER_FILE.fullmatch(p.name))
+                           ) if folder.is_dir() else [f"{folder.name} is a file"]
+        if strangers:
+            raise ValueError(f"{folder}: exists and is not a model folder that may be replaced (it holds "
+                             f"{', '.join(strangers[:5])}); write to a new or empty folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    aside = staging.with_name(staging.name[:-len(".tmp")] + ".old")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        for name, write in files.items():
+            write(staging / name)
+        os.chmod(staging, 0o777 & ~_umask())
+        if folder.exists():
+            os.rename(folder, aside)
+            try:
+                os.rename(staging, folder)
+            except BaseException:
+                os.rename(aside, folder)
+                raise
+            shutil.rmtree(aside)
+        else:
+            os.rename(staging, folder)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Named transforms. Each maps (target key, tensor) to {key: tensor}; one source tensor may become several.
-# ---------------------------------------------------------------------------------------------------------------------
+# --- named transforms: (target key, tensor) -> {key: tensor}; one source tensor may become several ---------------
 
 
 def _split_qkv(key: str, t: Tensor) -> StateDict:
-    # OpenCLIP's fused attention in_proj [3C, ...] -> q, k, v; the row's target prefix holds a literal "{qkv}".
+    # OpenCLIP's fused attention in_proj [3C, ...] -> q, k, v; the row's target holds a literal "{qkv}". Cloned so
+    # that the three do not share one storage (a safetensors file cannot hold tensors that share memory).
     assert "{qkv}" in key, f"split_qkv row must put {{qkv}} in its target prefix, got {key}"
-    return {key.replace("{qkv}", name): part for name, part in zip("qkv", t.chunk(3, dim=0))}
+    return {key.replace("{qkv}", name): part.clone() for name, part in zip("qkv", t.chunk(3, dim=0))}
 
 
 TRANSFORMS: dict[str, Callable[[str, Tensor], StateDict]] = {
     "squeeze_1x1": lambda k, t: {k: t[:, :, 0, 0] if t.ndim == 4 else t},  # 1x1 conv [O,I,1,1] -> Linear [O,I]
     "unsqueeze_1x1": lambda k, t: {k: t[:, :, None, None] if t.ndim == 2 else t},  # Linear -> 1x1 conv
-    "transpose": lambda k, t: {k: t.t().contiguous()},  # OpenCLIP x @ W projections -> nn.Linear weight
+    "transpose": lambda k, t: {k: t.t().contiguous()},  # OpenCLIP x @ W projections <-> nn.Linear weight
     "split_qkv": _split_qkv,
     "swap_halves": lambda k, t: {k: torch.cat(t.chunk(2, dim=0)[::-1])},  # SD3 adaLN (shift, scale) <-> (scale, shift)
 }
+# Joins gather the keys that differ only in one placeholder into one tensor, concatenated along dim 0 in the order
+# of the placeholder's values: q, k, v -> OpenCLIP's fused in_proj (the inverse of split_qkv).
+JOINS = {"join_qkv": "qkv"}
 INVERSE_TRANSFORMS = {"squeeze_1x1": "unsqueeze_1x1", "unsqueeze_1x1": "squeeze_1x1", "transpose": "transpose",
+                      "split_qkv": "join_qkv",
                       "swap_halves": "swap_halves"}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The engine: rename with rows, then load with accounting
-# ---------------------------------------------------------------------------------------------------------------------
+# --- the engine: rename with rows, then load with accounting ------------------------------------------------------
 
 
 class KeyMap:
     """Compiled rows. `apply` renames a state dict and remembers each new key's source name for error messages."""
 
     def __init__(self, rows: Iterable[Row]):
+        self.rows = [(*row, None) if len(row) == 2 else tuple(row) for row in rows]
         self.literal: dict[str, tuple[str | None, str | None]] = {}  # source prefix -> (target prefix, transform)
-        self.patterns: list[tuple[str, re.Pattern, int, str | None, str | None]] = []
-        for row in rows:
-            source, target, transform = (*row, None) if len(row) == 2 else row
-            if transform is not None and transform not in TRANSFORMS:
-                raise ValueError(f"key-map row {row}: unknown transform {transform!r}")
+        self.patterns: list[tuple[re.Pattern, int, str | None, str | None]] = []  # (regex, rank, target, transform)
+        for source, target, transform in self.rows:
+            if transform is not None and transform not in TRANSFORMS and transform not in JOINS:
+                raise ValueError(f"key-map row {source!r}: unknown transform {transform!r}")
             if "{" in source:
-                regex = "^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(source))
+                regex = re.sub(r"\\\{(\w+)\\\}", lambda m: rf"(?P<{m[1]}>{'[qkv]' if m[1] == 'qkv' else '[0-9]+'})",
+                               re.escape(source))
                 literal_length = len(re.sub(r"\{\w+\}", "", source))  # rank patterns by their fixed text
-                self.patterns.append((source, re.compile(regex), literal_length, target, transform))
+                self.patterns.append((re.compile(regex), literal_length, target, transform))
+            elif source in self.literal:
+                raise ValueError(f"key-map source prefix {source!r} appears in two rows")
             else:
-                if source in self.literal:
-                    raise ValueError(f"key-map source prefix {source!r} appears in two rows")
                 self.literal[source] = (target, transform)
 
-    def match(self, key: str) -> tuple[int, str | None, str | None, str] | None:
-        """(rank, target prefix, transform, rest of the key) of the longest row matching `key`, or None."""
+    def match(self, key: str) -> tuple[int, str | None, str | None, str, dict[str, str]] | None:
+        """(rank, target prefix, transform, rest of the key, placeholder values) of the longest matching row."""
         best = None
         for end in range(1, len(key) + 1):
             if key[:end] in self.literal:  # the longest literal prefix wins
-                target, transform = self.literal[key[:end]]
-                best = (end, target, transform, key[end:])
-        for _, regex, rank, target, transform in self.patterns:
+                best = (end, *self.literal[key[:end]], key[end:], {})
+        for regex, rank, target, transform in self.patterns:
             m = regex.match(key)
             if m and (best is None or rank > best[0]):
                 # fill the matched placeholders only: a transform's own literal ({qkv} of split_qkv) stays for it
-                filled = None if target is None else re.sub(r"\{(\w+)\}", lambda p: m.groupdict().get(p[1], p[0]), target)
-                best = (rank, filled, transform, key[m.end():])
+                groups = m.groupdict()
+                filled = None if target is None else re.sub(r"\{(\w+)\}", lambda p: groups.get(p[1], p[0]), target)
+                best = (rank, filled, transform, key[m.end():], groups)
         return best
 
     def apply(self, state: Mapping[str, Tensor]) -> tuple[StateDict, dict[str, str]]:
         """Renamed tensors and, for each new key, the source key it came from."""
         out: StateDict = {}
         origin: dict[str, str] = {}
+        joins: dict[str, tuple[str, dict[str, tuple[str, Tensor]]]] = {}  # new key -> (join, {part: (key, tensor)})
+
+        def put(new_key: str, value: Tensor, source_key: str) -> None:
+            if new_key in out:
+                raise ValueError(f"key map sends both {origin[new_key]!r} and {source_key!r} to {new_key!r}")
+            out[new_key], origin[new_key] = value, source_key
+
         for key, tensor in state.items():
             found = self.match(key)
             if found is None:
-                pieces = {key: tensor}
-            else:
-                _, target, transform, rest = found
-                if target is None:
-                    continue  # an explicit drop row
-                pieces = TRANSFORMS[transform](target + rest, tensor) if transform else {target + rest: tensor}
+                put(key, tensor, key)
+                continue
+            _, target, transform, rest, groups = found
+            if target is None:
+                continue  # an explicit drop row
+            if transform in JOINS:
+                joins.setdefault(target + rest, (transform, {}))[1][groups[JOINS[transform]]] = (key, tensor)
+                continue
+            pieces = TRANSFORMS[transform](target + rest, tensor) if transform else {target + rest: tensor}
             for new_key, value in pieces.items():
-                if new_key in out:
-                    raise ValueError(f"key map sends both {origin[new_key]!r} and {key!r} to {new_key!r}")
-                out[new_key], origin[new_key] = value, key
+                put(new_key, value, key)
+        for new_key, (transform, parts) in joins.items():
+            order = JOINS[transform]  # the placeholder's values, in their order
+            if sorted(parts) != sorted(order):
+                raise ValueError(f"key map: {new_key!r} joins {', '.join(order)} but got only "
+                                 f"{', '.join(sorted(parts))} (from {', '.join(k for k, _ in parts.values())})")
+            put(new_key, torch.cat([parts[p][1] for p in order], dim=0), parts[order[0]][0])
         return out, origin
 
     def inverse(self) -> KeyMap:
-        """Rows for export (ours -> source layout). Drop rows and splitting transforms have no inverse."""
+        """Rows for export (ours -> source layout). Drop rows have no inverse and are left out."""
         rows: list[Row] = []
-        for source, (target, transform) in self.literal.items():
-            assert transform is None or transform in INVERSE_TRANSFORMS, f"transform {transform} cannot be inverted"
-            if target is not None:
-                rows.append((target, source, INVERSE_TRANSFORMS[transform]) if transform else (target, source))
-        for source, _, _, target, transform in self.patterns:
+        for source, target, transform in self.rows:
             assert transform is None or transform in INVERSE_TRANSFORMS, f"transform {transform} cannot be inverted"
             if target is not None:
                 rows.append((target, source, INVERSE_TRANSFORMS[transform]) if transform else (target, source))
@@ -260,28 +395,33 @@ def check_state(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[s
                             ("wrong shapes", wrong)):
             if keys:
                 lines.append(f"  {title}:")
-                lines += [f"    {k}" for k in keys[:25]] + ([f"    ... and {len(keys) - 25} more"] if len(keys) > 25 else [])
+                lines += [f"    {k}" for k in keys[:25]] + [f"    ... and {len(keys) - 25} more"] * (len(keys) > 25)
         raise ValueError("\n".join(lines))
 
 
-def load_into(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[str, str] | None = None, *,
-              what: str = "model", mode: str = "strict") -> nn.Module:
-    """Copy `state` into `model` after full accounting. mode="strict": every key; "partial": a subset, summarised.
+def load_into(model: nn.Module, state: dict[str, Tensor], origin: Mapping[str, str] | None = None, *,
+              what: str = "model", mode: str = "strict", dtype: torch.dtype | None = None) -> nn.Module:
+    """Put `state` into `model` after full accounting. mode="strict": every key; "partial": a subset, summarised.
 
-    A model built on the meta device gets the tensors assigned (no second copy in memory), cast to the dtype of the
-    model's parameters. Nothing is written unless every check passes.
+    A model on the meta device gets the tensors themselves (mapped file pages, no copy) in their stored dtype, or
+    cast to `dtype`; a file whose float tensors mix dtypes is cast to float32 unless a dtype is given. Each cast
+    tensor replaces its source in `state` at once, so the source's pages are freed before the next one is read.
+    A materialised model is copied into (its own dtype stays). Nothing is written unless every check passes.
     """
     if mode not in ("strict", "partial"):
         raise ValueError(f"load mode must be 'strict' or 'partial', got {mode!r}")
     origin = origin or {}
     check_state(model, state, origin, what=what, partial=mode == "partial")
     targets = model.state_dict()
-    on_meta = any(t.is_meta for t in targets.values())
     with torch.no_grad():
-        if on_meta:
+        if any(t.is_meta for t in targets.values()):
             if mode == "partial":
                 raise ValueError(f"{what}: a partial load needs a materialised model, not one on the meta device")
-            model.load_state_dict({k: v.to(targets[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+            stored = {v.dtype for v in state.values() if v.is_floating_point()}
+            cast = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
+            for key, value in state.items():
+                state[key] = value.to(cast) if value.is_floating_point() else value
+            model.load_state_dict(state, strict=True, assign=True)
         else:
             for key, value in state.items():
                 targets[key].copy_(value)
@@ -291,380 +431,3 @@ def load_into(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[str
     leftovers = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftovers, f"{what}: tensors left on the meta device after loading: {leftovers[:5]}"
     return model
-
-
-def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> StateDict:
-    """The tensors under `prefix`, with the prefix removed (e.g. `model.diffusion_model.` of a single file)."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --- Shared by the loaders: a folder's config.json, the diffusers folder and original single-file writers
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def config_or_folder_json(source: str | Path | Mapping[str, Tensor], config):
-    """`config` if given, else the fields of a model folder's config.json, else None."""
-    if config is None and not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
-        return json.loads((Path(source) / "config.json").read_text())
-    return config
-
-
-def save_diffusers_folder(state: Mapping[str, Tensor], config_json: dict, folder: str | Path) -> None:
-    """A diffusers model folder: config.json and diffusion_pytorch_model.safetensors (written atomically)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_state(state, folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
-
-
-def save_single_file(state: Mapping[str, Tensor], rows: list[Row], prefix: str, path: str | Path) -> None:
-    """Our names -> an original single-file layout: the inverse of `rows`, every key under `prefix`."""
-    renamed, _ = KeyMap(rows).inverse().apply(state)
-    save_state({prefix + k: v for k, v in renamed.items()}, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --- UNets (issues 2 and 8): load_unet / save_unet (SD1.x, SD2.x, SDXL), load_svd_unet / save_svd_unet (SVD)
-# ---------------------------------------------------------------------------------------------------------------------
-
-ORIGINAL_UNET_PREFIX = "model.diffusion_model."  # LDM/SGM single files (checkpoints.md §2.1)
-
-
-def _read_unet(source: str | Path | Mapping[str, Tensor], where: str) -> StateDict:
-    """The UNet tensors of `source`, in either layout: other components of a single file are not ours."""
-    state = read_state(source)
-    if any(k.startswith(ORIGINAL_UNET_PREFIX) for k in state):
-        state = strip_prefix(state, ORIGINAL_UNET_PREFIX)
-    if not any(k.startswith(("conv_in.", "input_blocks.0.0.")) for k in state):
-        raise ValueError(f"{where}: not a UNet checkpoint (no conv_in / input_blocks.0.0 weights; "
-                         f"first keys: {sorted(state)[:3]})")
-    return state
-
-
-def _build_and_load(model_class, cfg, state: StateDict, rows: list[Row], dtype: torch.dtype, what: str) -> nn.Module:
-    """Rename with `rows` (none for the diffusers layout), build on meta, load with full accounting."""
-    renamed, origin = KeyMap(rows).apply(state)
-    with torch.device("meta"):
-        model = model_class(cfg)
-    return load_into(model.to(dtype), renamed, origin, what=what)
-
-
-def load_unet(source: str | Path | Mapping[str, Tensor], config=None, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Our UNet with the weights of `source`: a diffusers or original single file, a diffusers `unet/` folder, or a
-    state dict. `config`: a preset name, a UNetConfig, or diffusers config.json fields; by default the folder's
-    config.json, else detected from the weights. Every key is accounted for; nothing is half-loaded."""
-    from unet.keymap import detect_unet_preset, unet_config_from_diffusers, unet_original_rows
-    from unet.sd_unet import PRESETS, UNet, UNetConfig
-
-    where = "state dict" if isinstance(source, Mapping) else str(source)
-    config = config_or_folder_json(source, config)
-    state = _read_unet(source, where)
-    if isinstance(config, Mapping):
-        config = unet_config_from_diffusers(config)
-    elif not isinstance(config, UNetConfig):
-        name = config if config is not None else detect_unet_preset(state)
-        if name not in PRESETS:
-            raise ValueError(f"{where}: cannot tell which UNet this is (got config {name!r}); "
-                             f"pass config= one of {sorted(PRESETS)}, a UNetConfig or a diffusers config dict")
-        config = PRESETS[name]
-    rows = unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
-    return _build_and_load(UNet, config, state, rows, dtype, f"UNet from {where}")
-
-
-def save_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
-    """Write a UNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
-    "original" -> one .safetensors with `model.diffusion_model.` keys (LDM/SGM names)."""
-    from unet.keymap import unet_config_to_diffusers, unet_original_rows
-
-    if layout == "diffusers":
-        save_diffusers_folder(model.state_dict(), unet_config_to_diffusers(model.config), path)
-    elif layout == "original":
-        save_single_file(model.state_dict(), unet_original_rows(model.config), ORIGINAL_UNET_PREFIX, path)
-    else:
-        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
-
-
-def load_svd_unet(source: str | Path | Mapping[str, Tensor], config=None, *,
-                  dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Our SVDUNet with the weights of `source`: the original single file (svd*.safetensors, `model.diffusion_model.`),
-    a diffusers `unet/` folder or file, or a state dict in either layout. `config`: a preset name, an SVDUNetConfig
-    or diffusers config.json fields; by default the folder's config.json, else svd_xt for full-size weights.
-    Every key is accounted for; nothing is half-loaded."""
-    from unet.keymap import svd_unet_config_from_diffusers, svd_unet_original_rows
-    from unet.svd_unet import PRESETS, SVD_XT, SVDUNet, SVDUNetConfig
-
-    where = "state dict" if isinstance(source, Mapping) else str(source)
-    config = config_or_folder_json(source, config)
-    state = _read_unet(source, where)
-    if not any(".time_stack." in k or ".temporal_res_block." in k for k in state):
-        raise ValueError(f"{where}: an image UNet (no temporal layers); load it with load_unet")
-    if isinstance(config, Mapping):
-        config = svd_unet_config_from_diffusers(config)
-    elif config is None:
-        # svd, svd_xt and svd_xt_1_1 have the same keys and shapes (§1 detection): full-size weights get svd_xt,
-        # whose only difference from svd is the default frame count.
-        conv_in = state.get("conv_in.weight", state.get("input_blocks.0.0.weight"))
-        if tuple(conv_in.shape) != (SVD_XT.channels[0], SVD_XT.in_channels, 3, 3):
-            raise ValueError(f"{where}: cannot tell which SVD UNet this is (not full size); pass config= one of "
-                             f"{sorted(PRESETS)}, an SVDUNetConfig or a diffusers config dict")
-        config = SVD_XT
-    elif not isinstance(config, SVDUNetConfig):
-        if config not in PRESETS:
-            raise ValueError(f"{where}: unknown SVD UNet preset {config!r} (expected one of {sorted(PRESETS)})")
-        config = PRESETS[config]
-    rows = svd_unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
-    return _build_and_load(SVDUNet, config, state, rows, dtype, f"SVD UNet from {where}")
-
-
-def save_svd_unet(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
-    """Write an SVDUNet for other tools: "diffusers" -> folder with config.json + diffusion_pytorch_model.safetensors;
-    "original" -> one .safetensors with `model.diffusion_model.` keys (SGM VideoUNet names)."""
-    from unet.keymap import svd_unet_config_to_diffusers, svd_unet_original_rows
-
-    if layout == "diffusers":
-        save_diffusers_folder(model.state_dict(), svd_unet_config_to_diffusers(model.config), path)
-    elif layout == "original":
-        save_single_file(model.state_dict(), svd_unet_original_rows(model.config), ORIGINAL_UNET_PREFIX, path)
-    else:
-        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --- CLIP encoders (issue 9): text towers (SD1.5 / SD2 / SDXL) and SVD's image tower, rows in encoders/keymap.py
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _clip_tower(state: StateDict, config: "CLIPConfig | None", prefix: str | None) -> tuple[str, list[Row]]:
-    """(prefix, rows) of the CLIP tower in `state`: a single-file prefix (§2.1), else bare OpenCLIP or HF names."""
-    from encoders import keymap as clip_keymap
-
-    present = [p for p in clip_keymap.SINGLE_FILE if any(k.startswith(p) for k in state)]
-    if prefix is not None:
-        if not any(k.startswith(prefix) for k in state):
-            raise ValueError(f"no keys start with prefix {prefix!r}")
-        present = [prefix]
-    if len(present) > 1:  # SDXL holds two text towers: keep the one the config fits
-        fits = [p for p in present if config is not None and _clip_fits(state, p, clip_keymap.SINGLE_FILE[p], config)]
-        if len(fits) != 1:
-            raise ValueError(f"the weights hold several CLIP towers ({', '.join(present)}) and "
-                             f"{'no config was given' if config is None else f'{len(fits)} fit the config'}: "
-                             "pass a config that fits one of them, or prefix=")
-        present = fits
-    if present and present[0] in clip_keymap.SINGLE_FILE:
-        return present[0], clip_keymap.SINGLE_FILE[present[0]]
-    start = present[0] if present else ""
-    keys = [k[len(start):] for k in state if k.startswith(start)]
-    if any(k.startswith(("transformer.resblocks.", "visual.", "token_embedding.")) for k in keys):  # OpenCLIP names
-        vision = config.vision if config is not None else not any(k.startswith("token_embedding.") for k in keys)
-        return start, clip_keymap.OPENCLIP_VISION if vision else clip_keymap.OPENCLIP_TEXT
-    return start, clip_keymap.HF_TEXT + clip_keymap.HF_VISION
-
-
-def _clip_fits(state: StateDict, prefix: str, rows: list[Row], config: "CLIPConfig") -> bool:
-    """Whether the tower under `prefix` has exactly the keys and shapes of `config`'s model."""
-    from encoders.clip import build_clip
-
-    renamed, _ = KeyMap(rows).apply(strip_prefix(state, prefix))
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_clip(config).state_dict().items()}
-    return expected == {k: tuple(v.shape) for k, v in renamed.items()}
-
-
-def load_clip(source: str | Path | Mapping[str, Tensor], config: "CLIPConfig | None" = None, *,
-              prefix: str | None = None, dtype: torch.dtype = torch.float32) -> "CLIPTextModel | CLIPVisionModel":
-    """A CLIP tower from an HF folder (text_encoder/, text_encoder_2/, image_encoder/), a file or a state dict.
-
-    The layout is detected: an original single file (SD1.5, SD2, SDXL: pass the config or prefix= to choose one of
-    its two text towers, SVD), OpenCLIP names, or HF names. The config comes from the folder's config.json, else
-    from `config`, else from the one preset in encoders.clip.PRESETS whose shapes fit. Strict accounting throughout.
-    """
-    from encoders import keymap as clip_keymap
-    from encoders.clip import PRESETS, CLIPConfig, build_clip, config_from_hf
-
-    folder_config = None
-    if not isinstance(source, Mapping) and (Path(source) / "config.json").is_file():
-        folder_config = config_from_hf(json.loads((Path(source) / "config.json").read_text()))
-        if config is not None and config != folder_config:
-            diff = [f"{f}: config.json {getattr(folder_config, f)!r} vs given {getattr(config, f)!r}"
-                    for f in CLIPConfig.__dataclass_fields__ if getattr(folder_config, f) != getattr(config, f)]
-            raise ValueError(f"{source}: the given CLIP config does not match config.json ({'; '.join(diff)})")
-    config = config or folder_config
-    state = read_state(source)
-    name = "state dict" if isinstance(source, Mapping) else str(source)
-    start, rows = _clip_tower(state, config, prefix)
-    renamed, origin = KeyMap(rows).apply(strip_prefix(state, start))
-    if not any(k.startswith(("text_model.", "vision_model.")) for k in renamed):
-        raise ValueError(f"{name}: no CLIP text or vision tower found (looked for the prefixes "
-                         f"{', '.join(clip_keymap.SINGLE_FILE)}, and for HF or OpenCLIP names)")
-    if config is None:
-        fits = [c for c in PRESETS.values() if _clip_fits(state, start, rows, c)]
-        if len(fits) != 1:
-            raise ValueError(f"{name}: {'no' if not fits else 'more than one'} preset of encoders.clip.PRESETS "
-                             f"fits these CLIP weights: pass config=")
-        config = fits[0]
-    with torch.device("meta"):
-        model = build_clip(config).to(dtype)
-    load_into(model, renamed, {k: start + v for k, v in origin.items()},
-              what=f"CLIP {'vision' if config.vision else 'text'} tower ({name}, prefix {start or 'none'!r})")
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --- ControlNeXt (issue 4): control branches, UNet weight increments (ΔW), official UNet files
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def detect_control_branch(state: Mapping[str, Tensor]) -> str:
-    """g2 / g1_sd15 / g1_svd from an official control-branch state dict (reference controlnext.md §1.5)."""
-    if "scale" not in state:
-        return "g2"
-    return "g1_svd" if any(k.startswith("embedding.") for k in state) else "g1_sd15"
-
-
-def load_control_branch(source: str | Path | Mapping[str, Tensor], config=None) -> nn.Module:
-    """A ControlNeXt branch from an official or our file, loaded strictly (every key, every shape).
-    `config`: a ControlNeXtConfig or a preset name; by default detected from the keys."""
-    from controlnext.control_branch import PRESETS, ControlNeXt, ControlNeXtConfig
-    from controlnext.keymap import CONTROL_BRANCH_ROWS
-
-    renamed, origin = KeyMap(CONTROL_BRANCH_ROWS).apply(read_state(source))
-    config = config if config is not None else detect_control_branch(renamed)
-    cfg = config if isinstance(config, ControlNeXtConfig) else PRESETS[config]
-    with torch.device("meta"):
-        model = ControlNeXt(cfg)
-    where = source if not isinstance(source, Mapping) else "state dict"
-    return load_into(model, renamed, origin, what=f"ControlNeXt branch from {where}")
-
-
-def weight_increments(trained: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> StateDict:
-    """ΔW = W_trained - W_base for every tensor of `trained` (official `weight_increasements`, our key names)."""
-    missing = sorted(k for k in trained if k not in base)
-    if missing:
-        raise ValueError(f"weight increments: {len(missing)} trained tensors have no base tensor, e.g. {missing[:3]}")
-    return {k: trained[k].detach().float() - base[k].detach().float() for k in trained}
-
-
-def load_unet_weights(unet: nn.Module, source: str | Path | Mapping[str, Tensor], *, increments: bool,
-                      what: str = "UNet weights") -> nn.Module:
-    """Load a partial UNet file over `unet`: absolute tensors (W = file) or increments (W = W_current + ΔW).
-    Accepts our / diffusers names, original `input_blocks.*` names (SDXL kohya-style files) and the
-    `unet.`-prefixed DeepSpeed export; every key must land on a UNet tensor of the same shape."""
-    from controlnext.keymap import UNET_ROWS
-    from unet.keymap import unet_original_rows
-
-    state, origin0 = KeyMap(UNET_ROWS).apply(read_state(source))
-    rows = unet_original_rows(unet.config) if any(k.startswith("input_blocks.") for k in state) else []
-    renamed, origin = KeyMap(rows).apply(state)
-    origin = {k: origin0.get(v, v) for k, v in origin.items()}
-    if not increments:
-        return load_into(unet, renamed, origin, what=what, mode="partial")
-    check_state(unet, renamed, origin, what=what, partial=True)
-    targets = unet.state_dict()
-    with torch.no_grad():
-        for key, delta in renamed.items():
-            targets[key].add_(delta.to(device=targets[key].device, dtype=torch.float32).to(targets[key].dtype))
-    print(f"{what}: added increments to {len(renamed)} of {len(targets)} tensors "
-          f"({sum(v.numel() for v in renamed.values()):,} parameters)")
-    return unet
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# --- VAE (issue 7): load_vae / load_temporal_vae / save_vae, diffusers config.json <-> VAEConfig; rows in vae/keymap.py
-# ---------------------------------------------------------------------------------------------------------------------
-
-ORIGINAL_VAE_PREFIX = "first_stage_model."  # LDM/SGM single files (checkpoints.md §2.1)
-SVD_EMBEDDER_PREFIX = "conditioner.embedders.3.encoder."  # svd*.safetensors: the conditioning-frame autoencoder (§4.3)
-
-def _vae_source(source, config, temporal: bool, where: str):
-    """(state, config object): reads a file, a vae/ folder (or a pipeline folder holding one) or a state dict."""
-    from vae.autoencoder import PRESETS as IMAGE_PRESETS, VAEConfig
-    from vae.keymap import vae_config_from_diffusers
-    from vae.temporal_decoder import PRESETS as VIDEO_PRESETS, TemporalVAEConfig
-
-    if not isinstance(source, Mapping) and (Path(source) / "vae").is_dir():
-        source = Path(source) / "vae"  # a whole diffusers pipeline folder
-    config = config_or_folder_json(source, config)
-    presets, kind = (VIDEO_PRESETS, TemporalVAEConfig) if temporal else (IMAGE_PRESETS, VAEConfig)
-    if isinstance(config, Mapping):
-        config = vae_config_from_diffusers(config, temporal)
-    elif config is None or isinstance(config, str):
-        name = config or ("svd" if temporal else "sd")
-        if name not in presets:
-            raise ValueError(f"{where}: unknown VAE preset {name!r} (expected one of {sorted(presets)})")
-        config = presets[name]
-    if not isinstance(config, kind):
-        raise ValueError(f"{where}: config must be a preset name, a {kind.__name__} or config.json fields")
-    return read_state(source), config
-
-
-def _vae_check(state: Mapping[str, Tensor], where: str) -> None:
-    """One clear error for a file that holds no VAE at all (a UNet, a text encoder, ...)."""
-    if not any(k.startswith(("encoder.", "decoder.")) for k in state):
-        raise ValueError(f"{where}: not a VAE checkpoint (no encoder./decoder. or first_stage_model. weights; "
-                         f"first keys: {sorted(state)[:3]})")
-
-
-def load_vae(source: str | Path | Mapping[str, Tensor], config=None) -> nn.Module:
-    """Our AutoencoderKL from a diffusers file/folder, an original single file (`first_stage_model.`; the other
-    components are ignored), a standalone LDM VAE file, or a state dict. `config`: a preset name ("sd" by default),
-    a VAEConfig, or config.json fields (a folder's config.json is read). Every key is accounted for."""
-    from vae.autoencoder import AutoencoderKL
-    from vae.keymap import LEGACY_DIFFUSERS_ROWS, SD_VAE_ROWS
-
-    where = "state dict" if isinstance(source, Mapping) else str(source)
-    state, cfg = _vae_source(source, config, False, where)
-    if any(k.startswith(ORIGINAL_VAE_PREFIX) for k in state):
-        state = strip_prefix(state, ORIGINAL_VAE_PREFIX)
-    _vae_check(state, where)
-    renamed, origin = KeyMap(SD_VAE_ROWS + LEGACY_DIFFUSERS_ROWS).apply(state)  # diffusers names pass through
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    return load_into(model, renamed, origin, what=f"VAE from {where}")
-
-
-def load_temporal_vae(source: str | Path | Mapping[str, Tensor], config=None) -> nn.Module:
-    """Our TemporalAutoencoder (SVD) from the diffusers vae/ (file, folder or state dict), a whole svd*.safetensors
-    (encoder + quant_conv from the conditioning embedder, decoder from first_stage_model, §4.3), or a file holding only
-    `first_stage_model.` (no quant_conv there: the model is then built without one)."""
-    from dataclasses import replace
-
-    from vae.keymap import LEGACY_DIFFUSERS_ROWS, SVD_FIRST_STAGE_ROWS, SVD_RELEASE_ROWS
-    from vae.temporal_decoder import TemporalAutoencoder
-
-    where = "state dict" if isinstance(source, Mapping) else str(source)
-    state, cfg = _vae_source(source, config, True, where)
-    if SVD_EMBEDDER_PREFIX + "encoder.conv_in.weight" in state:
-        rows = SVD_RELEASE_ROWS
-    else:
-        if any(k.startswith(ORIGINAL_VAE_PREFIX) for k in state):
-            state = strip_prefix(state, ORIGINAL_VAE_PREFIX)
-        _vae_check(state, where)
-        rows = SVD_FIRST_STAGE_ROWS + LEGACY_DIFFUSERS_ROWS
-    renamed, origin = KeyMap(rows).apply(state)
-    if "quant_conv.weight" not in renamed and "quant_conv.bias" not in renamed:
-        cfg = replace(cfg, use_quant_conv=False)  # SGM's first stage has no quant_conv (§2.1)
-    with torch.device("meta"):
-        model = TemporalAutoencoder(cfg)
-    return load_into(model, renamed, origin, what=f"temporal VAE from {where}")
-
-
-def save_vae(model: nn.Module, path: str | Path, layout: str = "diffusers") -> None:
-    """Write an AutoencoderKL or TemporalAutoencoder. "diffusers": a folder with config.json and
-    diffusion_pytorch_model.safetensors. "original": one .safetensors in the single-file layout: `first_stage_model.`
-    (SD); for SVD also the encoder and quant_conv under `conditioner.embedders.3.encoder.`, as the release keeps them."""
-    from vae.keymap import ENCODER_ROWS, SD_VAE_ROWS, SVD_RELEASE_ROWS, vae_config_to_diffusers
-    from vae.temporal_decoder import TemporalAutoencoder
-
-    state = model.state_dict()
-    if layout == "diffusers":
-        save_diffusers_folder(state, vae_config_to_diffusers(model.config), path)
-    elif layout == "original" and isinstance(model, TemporalAutoencoder):
-        out, _ = KeyMap(SVD_RELEASE_ROWS).inverse().apply(state)
-        encoder, _ = KeyMap(ENCODER_ROWS).inverse().apply({k: v for k, v in state.items() if k.startswith("encoder.")})
-        out.update({ORIGINAL_VAE_PREFIX + k: v.clone() for k, v in encoder.items()})  # SGM's first stage keeps a copy
-        save_state(out, path)
-    elif layout == "original":
-        save_single_file(state, SD_VAE_ROWS, ORIGINAL_VAE_PREFIX, path)
-    else:
-        raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")

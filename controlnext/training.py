@@ -3,7 +3,7 @@ sample grids and the loss/IoU plot.
 
 Checkpoints (STYLE.md §6): `checkpoints/step_NNNNNN.safetensors` holds the trainable tensors under the controlled
 model's key names, `step_NNNNNN_ema.safetensors` their EMA, `step_NNNNNN.pt` the optimizer state, GradScaler state,
-step, RNG states and the resolved config (torch.load(weights_only=True) reads it). Every file is written atomically
+step, RNG states and the resolved config (checkpoint.read_torch reads it, running no pickled code). Every file is written atomically
 (controlnext/checkpoint.py), the .pt last, so a .pt on disk always has its tensors beside it.
 Data order is a pure function of (seed, step, micro-batch), so a resumed run draws the batches the straight run drew.
 Left out: wandb (optional in STYLE, not needed here), checkpoint rotation.
@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from controlnext.checkpoint import read_state, save_state, save_torch
+from controlnext.checkpoint import read_state, read_torch, save_state, save_torch
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file() or path.suffix != ".pt":
         raise ValueError(f"--resume wants a checkpoint .pt file (runs/<run>/checkpoints/step_NNNNNN.pt), got {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch(path)
     tensors_path, ema_path, _ = checkpoint_paths(path.parent.parent, state["step"])
     state["params"] = read_state(tensors_path)
     state["ema"] = read_state(ema_path) if ema_path.is_file() else None

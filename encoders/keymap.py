@@ -6,10 +6,14 @@ The OpenCLIP naming (SD2 and SDXL-bigG text towers, SVD's ViT-H image tower) is 
 `in_proj` is split into q/k/v and the `x @ W` projections are transposed (named transforms of the engine).
 Reference: checkpoints.md §1 (keys to ignore), §2.1 (prefixes), §5.1-§5.2 (the mapping, checked there against
 open_clip 3.3 and transformers 5.23 on small random towers). Rows are matched after the single-file prefix is
-stripped (SINGLE_FILE below says which rows follow which prefix).
+stripped (SINGLE_FILE below says which rows follow which prefix). EXPORT gives the rows whose inverse writes each
+original layout (fused in_proj by the engine's join), and clip_config_to_hf the transformers config.json.
+Checked in tests/test_keymaps.py against the full key lists of open_clip's and transformers' towers.
 """
 
 from __future__ import annotations
+
+from encoders.clip import CLIPConfig
 
 # --- transformers layout (identity). Stored position_ids are dropped: some merges hold corrupted values (§1, §12.11).
 HF_TEXT = [
@@ -89,8 +93,6 @@ SINGLE_FILE = {
     "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,  # SVD: OpenCLIP ViT-H image tower + text leftovers
 }
 
-
-# ======================================================================================================================
 # T5 v1.1 encoder (encoders/t5.py, SD3's text_encoder_3; issue 19): an appended block of rows for t5_weights.py.
 # Our module names equal transformers' T5EncoderModel files, so a text_encoder_3/ folder loads by identity; these rows
 # cover the other names the released files use.
@@ -107,3 +109,33 @@ T5_ROWS = [
     ("decoder.", None),
     ("lm_head.", None),
 ]
+=======
+# --- Export to the original single files: the rows whose inverse writes each prefix's naming (HF-named towers need
+# none). SD2's file has 24 resblocks and a projection; a 23-layer tower exports its 23, which is what SD2 runs
+# (penultimate layer), and LDM/SGM load single files non-strictly.
+EXPORT = {
+    "cond_stage_model.transformer.": [],
+    "cond_stage_model.model.": OPENCLIP_TEXT,
+    "conditioner.embedders.0.transformer.": [],
+    "conditioner.embedders.1.model.": OPENCLIP_TEXT,
+    "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,
+}
+
+
+def clip_config_to_hf(cfg: CLIPConfig) -> dict:
+    """The transformers config.json of the tower `cfg` describes (the inverse of encoders.clip.config_from_hf)."""
+    arch = ("CLIPVisionModel" if cfg.vision else "CLIPTextModel") + ("WithProjection" if cfg.projection_dim else "")
+    d = {"architectures": [arch], "model_type": "clip_vision_model" if cfg.vision else "clip_text_model",
+         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+         "num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size,
+         "hidden_act": "quick_gelu" if cfg.quick_gelu else "gelu", "layer_norm_eps": cfg.layer_norm_eps,
+         "attention_dropout": 0.0, "dropout": 0.0}
+    if cfg.projection_dim:
+        d["projection_dim"] = cfg.projection_dim
+    if cfg.vision:
+        return d | {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": 3}
+    # eos_token_id is the real id (not the legacy placeholder 2), so transformers pools at the first eos, as ours
+    return d | {"vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+                "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.eos_token_id - 1, "pad_token_id": 1}
+
+# ===============================================================================================================

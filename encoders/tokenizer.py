@@ -7,16 +7,18 @@ Pipeline: clean text -> split into words -> bytes to printable unicode -> BPE me
 ids -> [bos] + at most 75 ids + [eos] -> pad to 77 with the model's pad id.
 
 Text cleanup, and where it differs from the references (no ftfy, no `regex` module: stdlib only):
-- HTML-unescape twice, NFC-normalise, fold whitespace runs to one space, strip, lower-case, as the original does after
+- HTML-unescape twice, NFC-normalise, fold whitespace runs to one space, strip, then (outside the special tokens,
+  below) lower-case, as the original does after
   `ftfy.fix_text`. We do not run ftfy, whose other fixes (mojibake, curly quotes, ligatures, full-width forms,
   terminal escapes) are therefore not applied; ftfy's own NFC is. transformers' CLIPTokenizer (v5) does not unescape
   HTML either, so `&amp;` gives `&` here and `&amp;` there. Python's `str.lower` gives a final sigma (ΣΑΣ -> σας)
-  and Python's `\s` folds U+001C..U+001F, as the original does; transformers lower-cases per character and keeps them.
-- The word pattern `<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+` is run
+  and Python's `\\s` folds U+001C..U+001F, as the original does; transformers lower-cases per character and keeps them.
+- The word pattern `'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+` is run
   by a small scanner over `unicodedata` categories (letters L*, numbers N*), since stdlib `re` has no \\p{..}. Only
   characters whose category changed between Unicode versions can split differently from the `regex` module.
-- Literal `<|startoftext|>` / `<|endoftext|>` in a prompt become the special ids (after lower-casing), as in the
-  original; transformers matches them case-sensitively before lower-casing. OpenCLIP's newer spelling
+- Literal `<|startoftext|>` / `<|endoftext|>` in a prompt become the special ids only when spelled exactly so: they
+  are matched on the text before lower-casing, as transformers' CLIPTokenizer does, so `<|ENDOFTEXT|>` is ordinary
+  text that BPE splits (as both reference tokenizers do) and never an early eos. OpenCLIP's newer spelling
   `<start_of_text>` is ordinary text here, as in the vocabulary the diffusers folders ship.
 - Truncation keeps bos, the first 75 tokens and eos (transformers and `open_clip.tokenize` agree on this).
 - Padding per model: SD1.5 and SDXL's first encoder pad with eos (49407); SD2 and SDXL's second encoder were
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SPECIAL_TOKENS = re.compile(f"({re.escape(BOS)}|{re.escape(EOS)})")  # split keeps them (capturing group)
 # What each text tower pads with, keyed like encoders.clip.PRESETS (checkpoints.md §10 table).
 PAD_TOKENS = {"clip_l": EOS, "openclip_h_text": "!", "openclip_bigg_text": "!"}
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # tried in this order, as the original pattern
@@ -58,10 +61,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean_text(text: str) -> str:
-    """HTML-unescape (twice), NFC, fold whitespace, strip, lower-case (the original, minus ftfy's other fixes)."""
+    """HTML-unescape (twice), NFC, fold whitespace, strip (the original, minus ftfy's other fixes); not lower-cased:
+    special tokens are matched on this text, the rest is lower-cased after (see CLIPTokenizer.encode)."""
     text = html.unescape(html.unescape(text))
     text = unicodedata.normalize("NFC", text)
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def split_words(text: str) -> list[str]:
@@ -72,7 +76,7 @@ def split_words(text: str) -> list[str]:
 
     words, i = [], 0
     while i < len(text):
-        special = next((s for s in (BOS, EOS, *CONTRACTIONS) if text.startswith(s, i)), None)
+        special = next((s for s in CONTRACTIONS if text.startswith(s, i)), None)
         k = kind(text[i])
         if special:
             j = i + len(special)
@@ -164,12 +168,13 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt, without bos/eos, padding or truncation."""
         ids = []
-        for word in split_words(clean_text(text)):
-            if word in (BOS, EOS):
-                ids.append(self.vocab[word])
+        for piece in SPECIAL_TOKENS.split(clean_text(text)):  # case-sensitive, before lower-casing (docstring)
+            if piece in (BOS, EOS):
+                ids.append(self.vocab[piece])
                 continue
-            symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids.extend(self.vocab[token] for token in self.bpe(symbols))
+            for word in split_words(piece.lower()):
+                symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+                ids.extend(self.vocab[token] for token in self.bpe(symbols))
         return ids
 
     def __call__(self, prompts: str | list[str]) -> Tensor:

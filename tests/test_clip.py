@@ -17,7 +17,10 @@ import torch
 import transformers
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 
-from controlnext.checkpoint import KeyMap, check_state, load_clip, save_state
+from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+from controlnext.checkpoint import KeyMap, check_state, save_json, save_state
+from controlnext.loaders import ORIGINAL_PREFIXES, load_clip, original_state, save_clip
 from encoders import keymap
 from encoders.clip import (CLIP_MEAN, CLIP_STD, OPENCLIP_BIGG_TEXT, OPENCLIP_H_TEXT, OPENCLIP_H_VISION, PRESETS, TINY,
                            TINY_VISION, CLIPConfig, CLIPTextModel, CLIPVisionModel, build_clip, count_parameters,
@@ -121,6 +124,7 @@ PROMPTS = [
     "café naïve e\u0301 Über STRASSE 東京タワー привет 🤖🚀 ﬁ ＡＢＣ İstanbul",  # unicode, NFC, wide forms
     "tab\tnew\nline\u00a0nbsp\u2003em  ",  # whitespace folding
     "<|endoftext|> a <|startoftext|>",  # literal special tokens
+    "<|ENDOFTEXT|> b <|StartOfText|> c<|endoftext|>d",  # specials match case-sensitively: other spellings are text
     " ".join(["photograph"] * 100),  # over-length: truncated to bos + 75 + eos
     "a" * 300,  # one very long word
 ]
@@ -266,6 +270,69 @@ def test_full_size_tables_account_for_every_key(config, prefix, layers, extra, c
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Exports: the transformers folder layout and the original single-file layouts (issue 13)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def outputs(model, x) -> dict:
+    """The outputs a pipeline uses, from ours or from a transformers tower."""
+    with torch.no_grad():
+        out = model(x) if isinstance(model, (CLIPTextModel, CLIPVisionModel)) else model(x, output_hidden_states=True)
+    embeds = getattr(out, "embeds", None)
+    if embeds is None:
+        embeds = getattr(out, "text_embeds", getattr(out, "image_embeds", None))
+    return {"last": out.last_hidden_state, "penultimate": out.hidden_states[-2], "embeds": embeds}
+
+
+@pytest.mark.parametrize("config, cls", [
+    (replace(TINY, projection_dim=None), "CLIPTextModel"),  # SD1.5 / SD2 text_encoder/, SDXL text_encoder/
+    (TINY, "CLIPTextModelWithProjection"),  # SDXL text_encoder_2/
+    (TINY_VISION, "CLIPVisionModelWithProjection"),  # SVD image_encoder/
+    (replace(TINY_VISION, projection_dim=None), "CLIPVisionModel"),
+], ids=["text", "text_projection", "vision_projection", "vision"])
+def test_save_clip_writes_a_folder_transformers_loads(tmp_path, config, cls):
+    ours = build_clip(config).eval()
+    save_clip(ours, tmp_path / "tower")
+    theirs = getattr(transformers, cls).from_pretrained(tmp_path / "tower").eval()
+    x = torch.randn(2, 3, 32, 32) if config.vision else text_ids()
+    for name, value in outputs(ours, x).items():
+        if value is not None:  # same fp32 maths, another attention path: ~1e-7 (module docstring)
+            torch.testing.assert_close(value, outputs(theirs, x)[name], atol=TOL, rtol=0, msg=name)
+    back = load_clip(tmp_path / "tower")
+    assert back.config == config and all(torch.equal(v, ours.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+@pytest.mark.parametrize("part, config", [
+    ("sd15_text", replace(TINY, projection_dim=None)),
+    ("sdxl_text_l", replace(TINY, projection_dim=None)),
+    ("sd2_text", replace(TINY, projection_dim=None, quick_gelu=False)),
+    ("sdxl_text_g", replace(TINY, quick_gelu=False)),
+])
+def test_original_text_exports_read_by_diffusers_converters(tmp_path, part, config):
+    # our single-file export -> diffusers' own single-file converter -> a transformers tower: the same outputs
+    ours = build_clip(config).eval()
+    state = original_state(ours, part)
+    assert all(k.startswith(ORIGINAL_PREFIXES[part]) for k in state)
+    hf = keymap.clip_config_to_hf(config)
+    if part in ("sd15_text", "sdxl_text_l"):  # transformers names under the prefix
+        converted = convert_ldm_clip_checkpoint(state)
+    else:  # OpenCLIP names, fused in_proj, x @ W projection
+        assert any(k.endswith("attn.in_proj_weight") for k in state)
+        shell = getattr(transformers, hf["architectures"][0])(transformers.CLIPTextConfig(**hf))
+        converted = convert_open_clip_checkpoint(shell, state, prefix=ORIGINAL_PREFIXES[part])
+    save_state(converted, tmp_path / "converted" / "model.safetensors")
+    save_json(hf, tmp_path / "converted" / "config.json")
+    theirs = getattr(transformers, hf["architectures"][0]).from_pretrained(tmp_path / "converted").eval()
+    ids = text_ids()
+    for name, value in outputs(ours, ids).items():
+        if value is not None:
+            torch.testing.assert_close(value, outputs(theirs, ids)[name], atol=TOL, rtol=0, msg=name)
+    save_state(state, tmp_path / "single.safetensors")  # and our loader reads the export back exactly
+    back = load_clip(tmp_path / "single.safetensors", config)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Bad input: one clear error
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -327,6 +394,8 @@ def test_tokenizer_from_openclip_bpe_file_and_documented_differences(tmp_path):
     # Where we follow the original CLIP tokenizer and transformers does not (module docstring of tokenizer.py):
     assert folder.encode("salt &amp; pepper") == folder.encode("salt & pepper")  # HTML unescaped (twice)
     assert folder.encode("&amp;lt;") == folder.encode("<")
-    assert folder.encode("<|ENDOFTEXT|>") == [folder.eos_id]  # specials matched after lower-casing
+    assert folder.eos_id not in folder.encode("<|ENDOFTEXT|>")  # only the exact spelling is special (issue 15.14)
+    assert folder.encode("a<|endoftext|>b") == [*folder.encode("a"), folder.eos_id, *folder.encode("b")]
     assert folder.encode("x\x1cy") == folder.encode("x y")  # Python's \s folds U+001C like the original
-    assert clean_text("ΣΑΣ") == "σας"  # str.lower: final sigma (transformers lower-cases per character)
+    assert folder.encode("ΣΑΣ") == folder.encode("σας")  # str.lower: final sigma (transformers: per character)
+    assert clean_text(" A  <|ENDOFTEXT|> ") == "A <|ENDOFTEXT|>"  # not lower-cased: specials are matched on this text

@@ -15,7 +15,8 @@ from torch import nn
 
 from controlnext import inject as inj
 from controlnext.ablations import ABLATIONS, build_controlled_unet
-from controlnext.checkpoint import KeyMap, load_control_branch, load_unet_weights, save_state, weight_increments
+from controlnext.checkpoint import KeyMap, save_state
+from controlnext.releases import load_control_branch, load_unet_weights, weight_increments
 from controlnext.control_branch import G1_SD15, G1_SVD, G2, TINY as BRANCH_TINY, ControlNeXt
 from controlnext.controlnet import ControlNet, ControlNetConfig
 from controlnext.selection import count_selected, merge_lora, select_trainable
@@ -367,7 +368,8 @@ def test_prepared_and_cfg_shared_control_equal_the_plain_forward(ablation):
         official = model(x2, t2, context2, torch.cat([image, image]), scale=k)  # image duplicated: branch at batch 4
         prepared = model.prepare_control(image)
         for control in (image, prepared):  # branch once at batch 2, features tiled; stem from `prepare` or not
-            assert torch.equal(model(x2, t2, context2, control, scale=k), official)
+            # branch at batch 2 vs 4: other kernels round differently on some CPUs (5e-7 on an AMD EPYC, issue 15)
+            torch.testing.assert_close(model(x2, t2, context2, control, scale=k), official, atol=1e-5, rtol=0)
         assert torch.equal(model(x, t, context, prepared, scale=0.7), model(x, t, context, image, scale=0.7))
         assert torch.equal(model.branch(prepared, t), model.branch(image, t))
         with pytest.raises(AssertionError, match="same t"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 
-from controlnext.checkpoint import KeyMap, load_svd_unet, read_file, save_state, save_svd_unet
+from controlnext.checkpoint import KeyMap, read_file, save_state
+from controlnext.loaders import load_svd_unet, save_svd_unet
 from unet.keymap import SVD_ROWS, svd_unet_config_to_diffusers
 from unet.svd_unet import SVD, SVD_XT, TINY, SVDUNet, svd_added_time_ids
 

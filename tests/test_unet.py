@@ -82,7 +82,8 @@ def test_timestep_embedding_closed_form():
 
 def test_sdxl_vector_layout():
     pooled = torch.randn(2, 1280)
-    y = sdxl_vector(pooled, torch.tensor([1024, 768]), torch.tensor([0, 16]), torch.tensor([1024, 1024]))
+    y = sdxl_vector(pooled, torch.tensor([1024, 768]), torch.tensor([0, 16]), torch.tensor([1024, 1024]),
+                    id_dim=SDXL.added_id_dim)
     assert y.shape == (2, 2816)
     assert torch.equal(y[:, :1280], pooled)
     torch.testing.assert_close(y[:, 1280 + 256:1280 + 512], timestep_embedding(torch.full((2,), 768.0), 256))

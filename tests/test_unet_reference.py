@@ -16,7 +16,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from controlnext.checkpoint import ORIGINAL_UNET_PREFIX, KeyMap, load_into, load_unet, save_state, save_unet
+from controlnext.checkpoint import KeyMap, load_into, read_state, save_state
+from controlnext.loaders import ORIGINAL_PREFIXES, load_unet, save_unet
 from unet.keymap import detect_unet_preset, unet_config_from_diffusers, unet_config_to_diffusers, unet_original_rows
 from unet.sd_unet import SD15, SD21, SDXL, TINY, UNet, sdxl_vector
 
@@ -24,6 +25,7 @@ TINY_SD2 = dataclasses.replace(TINY, heads=(2, 2, 2, 2), linear_proj=True)
 TINY_XL = dataclasses.replace(TINY, channels=(32, 64, 64), attention=(False, True, True), transformer_depth=(1, 2, 3),
                               heads=(2, 4, 4), linear_proj=True, adm_channels=32 + 6 * 256)
 TOL = 1e-5  # fp32 max abs error; outputs are O(1)
+ORIGINAL_UNET_PREFIX = ORIGINAL_PREFIXES["unet"]
 
 
 def reference(cfg) -> UNet2DConditionModel:
@@ -42,10 +44,10 @@ def inputs(cfg, batch=2):
     context = torch.randn(batch, 7, cfg.context_dim)
     ref_kwargs, y = {}, None
     if cfg.adm_channels:
-        pooled = torch.randn(batch, cfg.adm_channels - 6 * 256)
+        pooled = torch.randn(batch, cfg.adm_channels - 6 * cfg.added_id_dim)
         ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 1024, 1024]])[:batch]
         ref_kwargs = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-        y = sdxl_vector(pooled, ids[:, 0:2], ids[:, 2:4], ids[:, 4:6])
+        y = sdxl_vector(pooled, ids[:, 0:2], ids[:, 2:4], ids[:, 4:6], id_dim=cfg.added_id_dim)
     return x, t, context, y, ref_kwargs
 
 
@@ -108,7 +110,6 @@ def test_original_layout_through_diffusers_converter(cfg, tmp_path):
 
 
 def load_unet_raw(path):
-    from controlnext.checkpoint import read_state
     return read_state(path)
 
 

@@ -24,7 +24,8 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import AutoencoderKLTemporalDecoder
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from controlnext.checkpoint import KeyMap, load_temporal_vae, load_vae, read_state, save_state, save_vae
+from controlnext.checkpoint import KeyMap, read_state, save_state
+from controlnext.loaders import load_temporal_vae, load_vae, save_vae
 from vae.keymap import vae_config_to_diffusers
 from vae.autoencoder import SD, TINY, AutoencoderKL, tiled
 from vae.keymap import SD_VAE_ROWS, SVD_FIRST_STAGE_ROWS
@@ -238,10 +239,18 @@ def test_bad_input_gives_one_clear_error(tmp_path):
                tmp_path / "diffusers_unet.safetensors")
     with pytest.raises(ValueError, match="not a VAE checkpoint"):
         load_temporal_vae(tmp_path / "diffusers_unet.safetensors")
+    # an SVD file or folder given to the image loader, and an image VAE given to the temporal one (issue 15.12)
+    save_vae(video, tmp_path / "svd.safetensors", layout="original")
+    save_vae(video, tmp_path / "svd_vae", layout="diffusers")
+    for svd in (tmp_path / "svd.safetensors", tmp_path / "svd_vae"):
+        with pytest.raises(ValueError, match="SVD's temporal VAE .*; load it with load_temporal_vae"):
+            load_vae(svd)
     save_vae(model, tmp_path / "vae.safetensors", layout="original")
+    with pytest.raises(ValueError, match="an image VAE .*; load it with load_vae"):
+        load_temporal_vae(tmp_path / "vae.safetensors", "tiny")
     data = (tmp_path / "vae.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match="cannot read checkpoint .*: not a readable safetensors file"):
         load_vae(tmp_path / "truncated.safetensors", TINY)
     with pytest.raises(ValueError, match="wrong shape"):
         load_vae(tmp_path / "vae.safetensors", "sd")  # tiny weights, full-size model

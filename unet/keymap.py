@@ -5,8 +5,8 @@ Our module names equal diffusers', so the diffusers layout needs no rows. These 
 controlnext/checkpoint.py's engine: `(original_prefix, our_prefix)`, longest prefix wins, and `KeyMap.inverse()`
 gives the export direction. Block indices are written out literally per structure, as the original code numbers
 them (../shared/reference/checkpoints.md §3.2-3.4); spatial transformers have identical inner names in both layouts.
-Checked in tests/test_unet_reference.py against diffusers' own converter (convert_ldm_unet_checkpoint) and in
-tests/test_svd_unet.py against the recorded svd_xt key list.
+Checked in tests/test_keymaps.py against the full key lists of the original LDM/SGM models and of diffusers
+(tests/fixtures/), and in tests/test_unet_reference.py against diffusers' own converter (convert_ldm_unet_checkpoint).
 """
 
 from __future__ import annotations
@@ -196,18 +196,22 @@ def unet_config_from_diffusers(d: Mapping) -> UNetConfig:
     per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(channels)  # noqa: E731
     # diffusers reads `attention_head_dim` as the number of heads when `num_attention_heads` is null (§7.2).
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
-    adm = 0
+    adm, id_dim = 0, d.get("addition_time_embed_dim") or 256
     if d.get("addition_embed_type") is not None:
-        if d["addition_embed_type"] != "text_time" or d.get("addition_time_embed_dim", 256) != 256:
-            raise ValueError(f"UNet config.json: addition_embed_type={d['addition_embed_type']!r} is not supported")
-        adm = d["projection_class_embeddings_input_dim"]
+        if d["addition_embed_type"] != "text_time":
+            raise ValueError(f"UNet config.json: addition_embed_type={d['addition_embed_type']!r} is not supported "
+                             "(only 'text_time', SDXL's pooled text + size/crop ids)")
+        adm = d.get("projection_class_embeddings_input_dim") or 0
+        if adm <= 6 * id_dim:  # y = pooled text | 6 size/crop sinusoids of id_dim each (checkpoints.md §6)
+            raise ValueError(f"UNet config.json: projection_class_embeddings_input_dim={adm} leaves no room for the "
+                             f"pooled text beside 6 ids of addition_time_embed_dim={id_dim}")
     return UNetConfig(
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), channels=channels,
         layers_per_block=d.get("layers_per_block", 2),
         attention=tuple(t.startswith("CrossAttn") for t in d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])),
         transformer_depth=per_level(d.get("transformer_layers_per_block", 1)), heads=per_level(heads),
         context_dim=d.get("cross_attention_dim", 1280), linear_proj=bool(d.get("use_linear_projection", False)),
-        adm_channels=adm, groups=d.get("norm_num_groups", 32))
+        adm_channels=adm, added_id_dim=id_dim, groups=d.get("norm_num_groups", 32))
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
@@ -220,7 +224,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
          "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_proj,
          "norm_num_groups": cfg.groups, "flip_sin_to_cos": True, "freq_shift": 0}
     if cfg.adm_channels:
-        d.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+        d.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.added_id_dim,
                  projection_class_embeddings_input_dim=cfg.adm_channels)
     return d
 

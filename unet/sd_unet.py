@@ -37,6 +37,7 @@ class UNetConfig:
     context_dim: int = 768                                  # cross-attention token width (CLIP-L 768, OpenCLIP-H 1024)
     linear_proj: bool = False                               # transformer proj_in/out Linear (SD2+) or 1x1 conv (SD1.x)
     adm_channels: int = 0                                   # width of the vector condition y (SDXL 2816); 0: none
+    added_id_dim: int = 256                                 # SDXL y: sinusoid width per size/crop id (diffusers addition_time_embed_dim)
     groups: int = 32                                        # GroupNorm groups everywhere
 
     @property
@@ -195,17 +196,19 @@ class UNet(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, C_out, H, W)
 
 
-def sdxl_vector(pooled: Tensor, original_size: Tensor, crop_top_left: Tensor, target_size: Tensor) -> Tensor:
-    """SDXL's y: [pooled (B, 1280) | sin256 of orig h, w, crop top, left, target h, w] -> (B, 2816).
+def sdxl_vector(pooled: Tensor, original_size: Tensor, crop_top_left: Tensor, target_size: Tensor, *,
+                id_dim: int) -> Tensor:
+    """SDXL's y: [pooled (B, P) | sinusoids of orig h, w, crop top, left, target h, w] -> (B, P + 6 * id_dim).
 
-    Each size/crop id gets its own 256-d cos-first sinusoid, as the original ConcatTimestepEmbedderND does.
+    Each size/crop id gets its own `id_dim`-wide cos-first sinusoid (UNetConfig.added_id_dim: 256 for SDXL, so
+    y is 1280 + 1536 = 2816), as the original ConcatTimestepEmbedderND does.
     Sizes are (B, 2) tensors (height, width) or (2,) broadcast over the batch.
     """
     B = pooled.shape[0]
     ids = torch.cat([torch.as_tensor(v, dtype=torch.float32, device=pooled.device).expand(B, 2)
                      for v in (original_size, crop_top_left, target_size)], dim=1)  # (B, 6)
-    emb = timestep_embedding(ids.flatten(), 256).unflatten(0, (B, 6)).flatten(1)  # (B, 1536)
-    return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)  # (B, 2816)
+    emb = timestep_embedding(ids.flatten(), id_dim).unflatten(0, (B, 6)).flatten(1)  # (B, 6 * id_dim)
+    return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)  # (B, P + 6 * id_dim)
 
 
 # --- presets: full configs from ../shared/reference/checkpoints.md §7.2; `tiny` runs on CPU in milliseconds.

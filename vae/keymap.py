@@ -6,6 +6,7 @@ read with the `first_stage_model.` prefix already stripped, and the legacy diffu
 holds identity catch-alls (`encoder.` -> `encoder.`) so that re-rooting it under a prefix keeps every key in scope.
 Reference: ../shared/reference/checkpoints.md §4.1 (SD VAE), §4.2 (SVD VideoDecoder), §4.3 (where svd*.safetensors
 keeps its encoder), §1 (keys to ignore). Rows are (source_prefix, our_prefix[, transform]); the longest match wins.
+Checked in tests/test_keymaps.py against the full key lists of the LDM/SGM autoencoders and of diffusers.
 """
 
 from __future__ import annotations

@@ -1,0 +1,137 @@
+"""Benchmark (issue 17): loading a full-size SD1.5 UNet, ours (controlnext.loaders.load_unet) vs diffusers'
+UNet2DConditionModel.from_pretrained, from a diffusers folder (fp16 file and fp32 file) and, ours only, from an
+original single file (UNet + VAE + CLIP-L, fp32, the layout of v1-5-pruned-emaonly.safetensors).
+
+Question: how long does loading take and how much memory does it need, next to diffusers and next to the size of
+the loaded model? Goals: ≤ 0.33x diffusers' time, peak RSS ≤ 1.1x the model's size.
+Command:  python experiments/bench_load.py                 (writes ~9.4 GB of random weights to --dir once;
+          python experiments/bench_load.py --rounds=5        about 5 minutes per 3 rounds on 2 CPU cores)
+Method: random weights (loading does not depend on the values), written once. Each arm runs in a fresh process
+(imports not timed), arms interleaved in a new random order each round, medians over rounds. `load` is the call; `ready` adds
+reading one element of every 4 KiB page of every tensor, so that lazily mapped pages are paid for (and counted in
+the RSS) as a first forward would pay for them; both implementations map safetensors files. Peak RSS is the OS's
+(resource.getrusage ru_maxrss) over the process; "own" subtracts the process's RSS just before the load (the
+interpreter, torch and, for diffusers, its imports).
+The files stay in the page cache between arms (warm reads; a cold disk adds the same read time to every arm).
+diffusers is imported only in its own arms (a test-only dependency).
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from controlnext.checkpoint import save_state
+from controlnext.loaders import load_unet, original_state, save_unet
+from encoders.clip import CLIP_L, build_clip
+from unet.sd_unet import SD15, UNet
+from vae.autoencoder import SD, AutoencoderKL
+
+# arm -> (implementation, file under --dir, dtype asked for; None = the library's default: ours keeps the stored
+# dtype, diffusers builds fp32)
+ARMS = {
+    "ours_fp16": ("ours", "unet_fp16", None),
+    "diffusers_fp16": ("diffusers", "unet_fp16", torch.float16),
+    "diffusers_fp16_default": ("diffusers", "unet_fp16", None),
+    "ours_fp32": ("ours", "unet_fp32", None),
+    "diffusers_fp32": ("diffusers", "unet_fp32", torch.float32),
+    "ours_fp16_as_fp32": ("ours", "unet_fp16", torch.float32),
+    "diffusers_fp16_as_fp32": ("diffusers", "unet_fp16", torch.float32),
+    "ours_single_file_fp32": ("ours", "v1-5-random-emaonly.safetensors", None),
+}
+PAIRS = [("ours_fp16", "diffusers_fp16"), ("ours_fp32", "diffusers_fp32"),
+         ("ours_fp16_as_fp32", "diffusers_fp16_as_fp32"), ("ours_single_file_fp32", "diffusers_fp32"),
+         ("ours_fp16", "diffusers_fp16_default")]  # the last: each library's default call on the fp16 folder
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def prepare(folder: Path) -> None:
+    """Random full-size weights in the three layouts (skipped if present)."""
+    if (folder / ARMS["ours_single_file_fp32"][1]).is_file():
+        return
+    print(f"writing random SD1.5 weights to {folder} (once)")
+    unet = UNet(SD15).eval()
+    save_unet(unet, folder / "unet_fp32")
+    single = original_state(unet, "unet") | original_state(AutoencoderKL(SD), "vae")
+    single |= original_state(build_clip(CLIP_L), "sd15_text")
+    save_state(single, folder / ARMS["ours_single_file_fp32"][1])
+    del single
+    save_unet(unet.half(), folder / "unet_fp16")
+
+
+def run_arm(name: str, folder: Path) -> dict:
+    """One load in this process: seconds to load and to have read every tensor, peak RSS, model bytes."""
+    implementation, file, dtype = ARMS[name]
+    if implementation == "diffusers":
+        from diffusers import UNet2DConditionModel  # imported here only: a test-only dependency
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        load = lambda: UNet2DConditionModel.from_pretrained(folder / file, **kwargs)  # noqa: E731
+    else:
+        load = lambda: load_unet(folder / file, dtype=dtype)  # noqa: E731
+    before = rss_bytes()
+    start = time.perf_counter()
+    model = load()
+    loaded = time.perf_counter()
+    with torch.no_grad():  # one element per 4 KiB page: every page of every tensor is read (mapped in, or already)
+        checksum = sum(float(t.reshape(-1)[::4096 // t.element_size()].double().sum())
+                       for t in model.state_dict().values())
+    ready = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
+    return {"arm": name, "load_s": loaded - start, "ready_s": ready - start, "peak": peak, "own": peak - before,
+            "model_bytes": size, "dtypes": dtypes, "checksum": checksum}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/bench_load"), help="where the random weights live")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--arm", choices=sorted(ARMS), help="(internal) run one arm in this process and print JSON")
+    args = parser.parse_args()
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, args.dir)))
+        return
+    prepare(args.dir)
+    results, order = {name: [] for name in ARMS}, random.Random(0)
+    for r in range(args.rounds):
+        for name in order.sample(list(ARMS), len(ARMS)):  # a new order each round: no arm always follows another
+            out = subprocess.run([sys.executable, __file__, "--arm", name, "--dir", str(args.dir)], check=True,
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}: {name:24s} ready {results[name][-1]['ready_s']:6.2f} s", flush=True)
+    gib = 2 ** 30
+    med = {name: {k: statistics.median(run[k] for run in runs) for k in ("load_s", "ready_s", "peak", "own")}
+           for name, runs in results.items()}
+    print(f"\nSD1.5 UNet, {args.rounds} rounds, medians; load average {os.getloadavg()}")
+    print(f"{'arm':24s} {'load s':>7s} {'ready s':>8s} {'peak GiB':>9s} {'own GiB':>8s} {'model GiB':>10s} "
+          f"{'peak/model':>11s} {'own/model':>10s}  dtype")
+    for name, runs in results.items():
+        m, size = med[name], runs[0]["model_bytes"]
+        print(f"{name:24s} {m['load_s']:7.2f} {m['ready_s']:8.2f} {m['peak'] / gib:9.2f} {m['own'] / gib:8.2f} "
+              f"{size / gib:10.2f} {m['peak'] / size:11.2f} {m['own'] / size:10.2f}  {','.join(runs[0]['dtypes'])}")
+    print("\nratios ours / diffusers (medians of the arms):")
+    for ours, theirs in PAIRS:
+        print(f"  {ours:24s} / {theirs:24s}: ready time {med[ours]['ready_s'] / med[theirs]['ready_s']:.2f}, "
+              f"load call {med[ours]['load_s'] / med[theirs]['load_s']:.2f}, "
+              f"own RSS {med[ours]['own'] / med[theirs]['own']:.2f}")
+    same = {name: runs[0]["checksum"] for name, runs in results.items()}
+    print(f"checksums (every arm read the same values per file dtype): {json.dumps(same)}")
+
+
+if __name__ == "__main__":
+    main()
