@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from controlnext.checkpoint import load_into
 from unet.blocks import TimestepMLP, timestep_embedding
-from unet.sd_unet import TINY, DownBlock, MidBlock, UNet, UNetConfig
+from unet.sd_unet import DownBlock, MidBlock, UNet, UNetConfig, encoder_decoder_plan
 
 # The UNet tensors a ControlNet copies (ControlNet tool_add_control.py; diffusers ControlNetModel.from_unet).
 ENCODER_PREFIXES = ("time_embedding.", "add_embedding.", "conv_in.", "down_blocks.", "mid_block.")
@@ -64,15 +64,11 @@ class ControlNet(nn.Module):
         self.controlnet_cond_embedding = HintEncoder(cfg.hint_in_channels, cfg.hint_channels, u.channels[0])
 
         # The encoder copy, and one 1x1 zero conv per skip it pushes: conv_in, each ResBlock, each downsample.
-        skip_widths, width = [u.channels[0]], u.channels[0]
-        self.down_blocks = nn.ModuleList()
-        for level in range(len(u.channels)):
-            self.down_blocks.append(DownBlock(u, level, width))
-            width = u.channels[level]
-            skip_widths += [width] * (u.layers_per_block + (level < len(u.channels) - 1))
-        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in skip_widths)
+        plan = encoder_decoder_plan(u)
+        self.down_blocks = nn.ModuleList(DownBlock(u, level, width) for level, width in enumerate(plan.down))
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in plan.skips)
         self.mid_block = MidBlock(u)
-        self.controlnet_mid_block = nn.Conv2d(width, width, 1)
+        self.controlnet_mid_block = nn.Conv2d(u.channels[-1], u.channels[-1], 1)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -95,7 +91,7 @@ class ControlNet(nn.Module):
         u = self.config.unet
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
-        emb = self.time_embedding(timestep_embedding(t, u.channels[0]).to(x.dtype))  # (B, 4*C0)
+        emb = self.time_embedding(timestep_embedding(t, u.channels[0]).to(x.dtype))  # (B, 4*C0), as UNet.time_emb
         if self.add_embedding is not None:
             if y is None:
                 raise ValueError(f"this ControlNet needs the vector condition y of width {u.adm_channels}")
@@ -108,7 +104,3 @@ class ControlNet(nn.Module):
         h = self.mid_block(h, emb, context)  # (B, C_last, h, w)
         down = [scale * zero(s) for zero, s in zip(self.controlnet_down_blocks, skips)]
         return down, scale * self.controlnet_mid_block(h)
-
-
-# --- presets: a ControlNet per UNet preset; `tiny` runs on CPU in milliseconds.
-TINY_CONTROLNET = ControlNetConfig(unet=TINY, hint_channels=(8, 16, 16, 32))
