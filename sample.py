@@ -31,7 +31,7 @@ from controlnext.pipeline import cfg_denoiser, decode_pixels, generate
 from controlnext.selection import select_trainable
 from controlnext.training import save_grid
 from encoders.toy_text import PRESETS as TEXT_ENCODERS, ToyTextEncoder
-from schedulers.sigmas import ScheduleConfig
+from schedulers.sigmas import PRESETS as SCHEDULES
 from unet.sd_unet import PRESETS as UNETS, UNet
 
 
@@ -94,8 +94,7 @@ def main(config: SampleConfig) -> None:
         uncond = text_encoder([tc.empty_prompt] * config.batch)
 
     # --- sample and decode --------------------------------------------------------------------------------------
-    schedule = ScheduleConfig(beta_schedule=tc.beta_schedule, beta_start=tc.beta_start, beta_end=tc.beta_end,
-                              prediction_type=tc.prediction_type, timestep_spacing=tc.timestep_spacing, steps_offset=0)
+    schedule = SCHEDULES[tc.schedule]
     denoiser = cfg_denoiser(model, schedule, context, uncond, config.guidance_scale,
                             controls if model is not unet else None, config.control_scale, injection.control_uncond)
     latents = generate(denoiser, (config.batch, 3 * f * f, r // f, r // f), schedule, config.sampler,

@@ -40,7 +40,7 @@ from controlnext.selection import select_trainable
 from controlnext.training import (EMA, RunLog, load_checkpoint, loss_weight_map, make_run_dir, save_checkpoint,
                                   save_grid, save_plot, step_generator)
 from encoders.toy_text import PRESETS as TEXT_ENCODERS, ToyTextEncoder
-from schedulers.sigmas import ScheduleConfig, make_alphas_cumprod
+from schedulers.sigmas import PRESETS as SCHEDULES, make_alphas_cumprod
 from schedulers.training import sd_training_noise
 from unet.sd_unet import PRESETS as UNETS, UNet
 
@@ -60,13 +60,7 @@ class TrainConfig:
     branch: str = "tiny"               # control_branch.py PRESETS name (its out_channels = the UNet width at the site)
     base_weights: str = "experiments/weights/toy_base.safetensors"  # unet.* + text_encoder.*; "" = random (base stage)
     latent_factor: int = 8             # toy codec: pixel space-to-depth by this factor (8 = SD's VAE stride)
-    # noise (schedulers/sigmas.py ScheduleConfig): DDPM's pixel-space linear schedule (Ho et al. 2020 §4)
-    beta_schedule: str = "linear"      # "linear" | "scaled_linear" (SD1.5) | "squaredcos_cap_v2"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    prediction_type: str = "sample"    # network output: "epsilon" (SD1.5) | "v_prediction" | "sample" (x0: the toy,
-                                       # whose 32-wide conv_in cannot pass 192 noise channels through; pipeline.py)
-    timestep_spacing: str = "trailing"  # sampling: start at t = T-1 (Lin et al. 2023 Table 2)
+    schedule: str = "toy"              # noise schedule preset (schedulers/sigmas.py PRESETS): toy = DDPM linear, x0
     # data
     dataset: str = "fill50k"           # "fill50k" (procedural) or a folder with prompt.json / metadata.jsonl
     resolution: int = 64               # pixels, multiple of 8
@@ -119,6 +113,8 @@ def main(config: TrainConfig) -> dict:
     # --- setup: threads, DDP, device, dtype -----------------------------------------------------------------------
     if config.stage not in ("base", "control"):
         raise ValueError(f"stage must be 'base' or 'control', got {config.stage!r}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; expected one of {sorted(SCHEDULES)}")
     if config.unet not in UNETS or config.text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"unknown unet {config.unet!r} or text_encoder {config.text_encoder!r}; this trainer runs "
                          f"the toy text encoders {sorted(TEXT_ENCODERS)} (SD1.5/SDXL weights: a later issue)")
@@ -180,9 +176,7 @@ def main(config: TrainConfig) -> dict:
              f"parameters ({len(params)} tensors)")
 
     # --- data --------------------------------------------------------------------------------------------------
-    schedule = ScheduleConfig(beta_schedule=config.beta_schedule, beta_start=config.beta_start, beta_end=config.beta_end,
-                              prediction_type=config.prediction_type, timestep_spacing=config.timestep_spacing,
-                              steps_offset=0)
+    schedule = SCHEDULES[config.schedule]
     alphas_cumprod = make_alphas_cumprod(schedule).to(device)
     dataset = (Fill50k(config.resolution, seed=config.dataset_seed) if config.dataset == "fill50k"
                else FolderDataset(config.dataset, config.resolution))
@@ -268,7 +262,7 @@ def main(config: TrainConfig) -> dict:
         for k in range(config.grad_accum):
             g, batch = batch_for(step, rank * config.grad_accum + k)
             x0 = encode_pixels(batch["image"].to(device), config.latent_factor)  # (B, 3 f^2, H/f, W/f)
-            x_t, t, target = sd_training_noise(x0.cpu(), alphas_cumprod.cpu(), config.prediction_type, generator=g)
+            x_t, t, target = sd_training_noise(x0.cpu(), alphas_cumprod.cpu(), schedule.prediction_type, generator=g)
             x_t, t, target = x_t.to(device), t.to(device), target.to(device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 with torch.set_grad_enabled(config.stage == "base"):

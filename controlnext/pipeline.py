@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from schedulers import samplers
-from schedulers.denoisers import DiscreteDenoiser, EpsDenoiser, VDenoiser
+from schedulers.denoisers import make_denoiser
 from schedulers.guidance import cfg_combine
-from schedulers.sigmas import ScheduleConfig, ddim_sigmas, make_alphas_cumprod, sampling_sigmas
+from schedulers.sigmas import ScheduleConfig, ddim_sigmas, sampling_sigmas
 
 # name -> (sampler function, multistep sigma layout, takes a generator)
 SAMPLERS = {
@@ -30,18 +30,6 @@ SAMPLERS = {
     "dpmpp_2m_sde": (samplers.sample_dpmpp_2m_sde, True, True),
     "unipc": (samplers.sample_unipc, True, False),
 }
-
-
-class X0Denoiser(DiscreteDenoiser):
-    """x0 ("sample") prediction: D(x, sigma) = F(c_in x, t), i.e. c_skip = 0, c_out = 1 (Karras et al. 2022 Table 1's
-    general form). The toy uses it: its 32-wide first level cannot carry the 192 noise channels that an epsilon or v
-    target at low noise would need to pass through, while x0 (flat colours and one edge) is easy to represent."""
-
-    def scalings(self, sigma):
-        return 0.0 * sigma, 0.0 * sigma + 1.0, 1 / (sigma**2 + 1) ** 0.5  # float or (B,) tensor sigma
-
-
-DENOISERS = {"epsilon": EpsDenoiser, "v_prediction": VDenoiser, "sample": X0Denoiser}
 
 
 def encode_pixels(images: Tensor, factor: int) -> Tensor:
@@ -58,7 +46,6 @@ def cfg_denoiser(net: nn.Module, schedule: ScheduleConfig, context: Tensor, unco
                  guidance_scale: float, control_image: Tensor | None = None, control_scale: float = 1.0,
                  control_uncond: bool = True):
     """D(x, sigma) -> x0_hat for a DDPM-trained net, with CFG over (uncond, cond) and the control closed over."""
-    alphas_cumprod = make_alphas_cumprod(schedule)
     guided = uncond_context is not None and guidance_scale != 1.0
     B = context.shape[0]
     # Once per sampling run: the branch's stem (and whatever else does not depend on t).
@@ -81,7 +68,7 @@ def cfg_denoiser(net: nn.Module, schedule: ScheduleConfig, context: Tensor, unco
         uncond, cond = out.chunk(2)
         return cfg_combine(uncond, cond, guidance_scale)
 
-    return DENOISERS[schedule.prediction_type](net_out, alphas_cumprod)
+    return make_denoiser(schedule, net_out)
 
 
 @torch.no_grad()

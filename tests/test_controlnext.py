@@ -379,9 +379,10 @@ def test_prepared_and_cfg_shared_control_equal_the_plain_forward(ablation):
 
 
 def test_prepared_control_in_a_sampling_run_and_on_video():
-    from controlnext.pipeline import DENOISERS, cfg_denoiser, generate
+    from controlnext.pipeline import cfg_denoiser, generate
     from schedulers.guidance import cfg_combine
-    from schedulers.sigmas import ScheduleConfig, make_alphas_cumprod
+    from schedulers.denoisers import make_denoiser
+    from schedulers.sigmas import ScheduleConfig
     from unet.svd_unet import TINY as SVD_TINY, SVDUNet
 
     torch.manual_seed(0)
@@ -396,7 +397,7 @@ def test_prepared_control_in_a_sampling_run_and_on_video():
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]), prepared)
         return cfg_combine(*out.chunk(2), 3.0)
 
-    denoiser = DENOISERS[schedule.prediction_type](net_out, make_alphas_cumprod(schedule))
+    denoiser = make_denoiser(schedule, net_out)
     cached = generate(denoiser, (2, 4, 8, 8), schedule, "euler", 4, torch.Generator().manual_seed(1))
     assert torch.equal(cached, reference)
 

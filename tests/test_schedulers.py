@@ -17,7 +17,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_zero_snr
 
 from schedulers import guidance, samplers, sigmas as S, training
-from schedulers.denoisers import EDMVDenoiser, EpsDenoiser, VDenoiser, make_denoiser
+from schedulers.denoisers import EDMVDenoiser, EpsDenoiser, VDenoiser, X0Denoiser, make_denoiser
 
 # The scheduler_config.json files as shipped (checkpoints.md §7.5). SD1.5's has no timestep_spacing, so each diffusers
 # class fills in its own default: "leading" for DDIM, "linspace" for Euler/Heun/DPM-Solver/UniPC.
@@ -430,8 +430,41 @@ def test_sigma_t_roundtrip():
 def test_make_denoiser_follows_presets():
     assert isinstance(make_denoiser(S.SVD, v_net), EDMVDenoiser)
     assert type(make_denoiser(S.SD21_V, v_net)) is VDenoiser and type(make_denoiser(S.SD15, eps_net)) is EpsDenoiser
-    with pytest.raises(ValueError):
-        make_denoiser(dataclasses.replace(S.SD15, prediction_type="sample"), eps_net)
+    assert type(make_denoiser(S.TOY, eps_net)) is X0Denoiser
+    with pytest.raises(ValueError, match="continuous c_noise is implemented for v_prediction only"):
+        make_denoiser(dataclasses.replace(S.SVD, prediction_type="epsilon"), eps_net)
+    with pytest.raises(ValueError, match="ScheduleConfig.prediction_type must be one of"):
+        dataclasses.replace(S.SD15, prediction_type="x0")
+
+
+def test_x0_denoiser_returns_the_network_output():
+    # "sample" prediction: x0_hat = F(c_in x, t) exactly (c_skip = 0, c_out = 1), with c_in = 1/sqrt(sigma^2 + 1) and
+    # t the DDPM index of sigma, for a float sigma and for a per-sample one.
+    seen = {}
+
+    def net(x_in, t):
+        seen["x_in"], seen["t"] = x_in, t
+        return 2.0 * x_in + 0.5
+
+    denoiser = make_denoiser(S.TOY, net)
+    table = S.sigmas_from_alphas_cumprod(S.make_alphas_cumprod(S.TOY))
+    x = _z()
+    for sigma in (table[500].item(), table[[500, 900]]):
+        out = denoiser(x, sigma)
+        c_in = (1 / (torch.as_tensor(sigma, dtype=torch.float64) ** 2 + 1).sqrt()).float().reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(seen["x_in"], x * c_in, rtol=1e-6, atol=0)
+        torch.testing.assert_close(out, 2.0 * x * c_in + 0.5, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(seen["t"], torch.tensor([500.0, 900.0])[:seen["t"].shape[0]] if
+                                   isinstance(sigma, torch.Tensor) else torch.full((2,), 500.0), rtol=0, atol=1e-3)
+
+
+def test_schedule_presets():
+    assert S.PRESETS == {"sd15": S.SD15, "sd21_v": S.SD21_V, "sdxl": S.SDXL, "svd": S.SVD, "toy": S.TOY}
+    # the fill50k toy: DDPM's linear betas 1e-4 .. 0.02 (Ho et al. 2020 §4), x0 targets, trailing, no offset
+    betas = S.make_betas(S.TOY)
+    torch.testing.assert_close(betas, torch.linspace(1e-4, 0.02, 1000), rtol=0, atol=0)
+    assert (S.TOY.prediction_type, S.TOY.timestep_spacing, S.TOY.steps_offset) == ("sample", "trailing", 0)
+    assert S.spaced_timesteps(4, S.TOY.timestep_spacing).tolist() == [999.0, 749.0, 499.0, 249.0]
 
 
 def test_bad_input_raises():
