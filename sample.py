@@ -6,7 +6,7 @@
 
 Loads the base (experiments/weights/), rebuilds the controlled UNet from the config stored in the checkpoint's
 metadata, loads the trained tensors (strict accounting), then conditions -> CFG + control closure -> sampler -> decode
-(controlnext/pipeline.py). Paper: ControlNeXt §3 (inference: control scale, official SD1.5 default 0.35 at test time).
+(controlnext/sampling.py). Paper: ControlNeXt §3 (inference: control scale, official SD1.5 default 0.35 at test time).
 Left out: SD1.5/SDXL weights (a later issue), multi-condition sampling from the command line.
 """
 
@@ -21,13 +21,12 @@ import torch
 from safetensors import safe_open
 
 from controlnext import cli
-from controlnext.ablations import build_controlled_unet
 from controlnext.checkpoint import load_into, read_state, strip_prefix
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import VOCAB, fill50k_example, load_image
-from controlnext.inject import PRESETS as INJECTIONS
+from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
 from controlnext.metrics import fill50k_metrics
-from controlnext.pipeline import cfg_denoiser, decode_pixels, generate
+from controlnext.sampling import cfg_denoiser, decode_pixels, generate
 from controlnext.selection import select_trainable
 from controlnext.training import save_grid
 from encoders.toy_text import PRESETS as TEXT_ENCODERS, ToyTextEncoder
@@ -45,7 +44,7 @@ class SampleConfig:
     prompt: str = ""                   # "" = the procedural example's prompt
     batch: int = 4                     # images per condition, each from its own noise
     seed: int = 0                      # noise seed
-    sampler: str = "dpmpp_2m"          # controlnext/pipeline.py SAMPLERS
+    sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     sampling_steps: int = 20
     guidance_scale: float = 2.0        # classifier-free guidance; 1 = off
     control_scale: float = 1.0         # k on the control term (official SD1.5 example: 0.35 for its own model)
@@ -95,8 +94,8 @@ def main(config: SampleConfig) -> None:
 
     # --- sample and decode --------------------------------------------------------------------------------------
     schedule = SCHEDULES[tc.schedule]
-    denoiser = cfg_denoiser(model, schedule, context, uncond, config.guidance_scale,
-                            controls if model is not unet else None, config.control_scale, injection.control_uncond)
+    denoiser = cfg_denoiser(unet, schedule, context, uncond, config.guidance_scale,
+                            [(model, controls, config.control_scale)] if model is not unet else ())
     latents = generate(denoiser, (config.batch, 3 * f * f, r // f, r // f), schedule, config.sampler,
                        config.sampling_steps, torch.Generator().manual_seed(config.seed))
     images = decode_pixels(latents, f)  # (B, 3, H, W) in [-1, 1]

@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from controlnext import cli
-from controlnext.ablations import build_controlled_unet
 from controlnext.checkpoint import load_into, read_state, save_state, strip_prefix
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import VOCAB, Fill50k, FolderDataset, fill50k_example
-from controlnext.inject import PRESETS as INJECTIONS
+from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
 from controlnext.metrics import fill50k_metrics
-from controlnext.pipeline import cfg_denoiser, decode_pixels, encode_pixels, generate
+from controlnext.sampling import cfg_denoiser, decode_pixels, encode_pixels, generate
 from controlnext.selection import select_trainable
 from controlnext.training import (EMA, RunLog, load_checkpoint, loss_weight_map, make_run_dir, save_checkpoint,
                                   save_grid, save_plot, step_generator)
@@ -50,9 +49,9 @@ from unet.sd_unet import PRESETS as UNETS, UNet
 class TrainConfig:
     # what to train
     stage: str = "control"             # "control": a method on the frozen base; "base": the toy UNet + text encoder
-    ablation: str = "cross_norm"       # controlnext/ablations.py: cross_norm zero_conv no_norm paper_norm controlnet
+    ablation: str = "cross_norm"       # controlnext/controlnext.py: cross_norm zero_conv no_norm paper_norm controlnet
     trainable: str = "to_out"          # UNet tensors trained with the branch (selection.py): none to_out ... lora:R
-    injection: str = "sd15_train"      # inject.py preset: site, eps, pool order (official SD1.5-Training)
+    injection: str = "sd15_train"      # controlnext.py preset: site, eps, pool order (official SD1.5-Training)
     control_scale: float = 1.0         # k on the added control term while training (official SD1.5 default 1.0)
     # models
     unet: str = "toy"                  # unet/sd_unet.py PRESETS name
@@ -86,7 +85,7 @@ class TrainConfig:
     eval_every: int = 100              # steps (and step 0); also writes samples/ and plot.png; 0 = only at the end
     eval_count: int = 32               # held-out examples (fill50k, seed eval_seed)
     eval_seed: int = 1
-    sampler: str = "dpmpp_2m"          # controlnext/pipeline.py SAMPLERS
+    sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     sampling_steps: int = 10
     guidance_scale: float = 2.0        # classifier-free guidance (needs a base trained with empty prompts)
     # bookkeeping
@@ -219,9 +218,8 @@ def main(config: TrainConfig) -> dict:
         context = text_encoder(prompts)
         uncond = text_encoder([config.empty_prompt] * len(prompts))
         controls = torch.stack([torch.from_numpy(e["control"]).permute(2, 0, 1).float() / 255 for e in evals]).to(device)
-        denoiser = cfg_denoiser(model, schedule, context, uncond, config.guidance_scale,
-                                None if config.stage == "base" else controls, config.control_scale,
-                                INJECTIONS[config.injection].control_uncond)
+        denoiser = cfg_denoiser(unet, schedule, context, uncond, config.guidance_scale,
+                                () if config.stage == "base" else [(model, controls, config.control_scale)])
         f, r = config.latent_factor, config.resolution
         latents = generate(denoiser, (len(evals), 3 * f * f, r // f, r // f), schedule, config.sampler,
                            config.sampling_steps, torch.Generator().manual_seed(config.eval_seed), device)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from controlnext.ablations import ABLATIONS
+from controlnext.controlnext import ABLATIONS
 from controlnext.checkpoint import read_state, save_state
 from controlnext.data import VOCAB
 from controlnext.training import load_checkpoint
