@@ -47,7 +47,7 @@ def test_control_hook_sites_and_zero_residual_is_a_noop():
     assert seen == [("conv_in", (2, 32, 16, 16)), ("down_0", (2, 32, 8, 8)), ("down_1", (2, 32, 4, 4)),
                     ("down_2", (2, 64, 2, 2)), ("down_3", (2, 64, 2, 2)), ("mid_in", (2, 64, 2, 2)),
                     ("mid_out", (2, 64, 2, 2))]
-    assert control_sites(TINY) == {site: shape[1] for site, shape in seen}  # what a controlled UNet validates against
+    assert control_sites(TINY) == {site: shape[1] for site, shape in seen}  # what ControlNeXtUNet validates against
 
 
 def test_control_hook_changes_only_what_follows_the_site():
