@@ -441,34 +441,18 @@ def test_make_denoiser_follows_presets():
         dataclasses.replace(S.SD15, prediction_type="x0")
 
 
-def test_x0_denoiser_returns_the_network_output():
-    # "sample" prediction: x0_hat = F(c_in x, t) exactly (c_skip = 0, c_out = 1), with c_in = 1/sqrt(sigma^2 + 1) and
-    # t the DDPM index of sigma, for a float sigma and for a per-sample one.
-    seen = {}
-
-    def net(x_in, t):
-        seen["x_in"], seen["t"] = x_in, t
-        return 2.0 * x_in + 0.5
-
-    denoiser = make_denoiser(S.TOY, net)
-    table = S.sigmas_from_alphas_cumprod(S.make_alphas_cumprod(S.TOY))
-    x = _z()
-    for sigma in (table[500].item(), table[[500, 900]]):
-        out = denoiser(x, sigma)
-        c_in = (1 / (torch.as_tensor(sigma, dtype=torch.float64) ** 2 + 1).sqrt()).float().reshape(-1, 1, 1, 1)
-        torch.testing.assert_close(seen["x_in"], x * c_in, rtol=1e-6, atol=0)
-        torch.testing.assert_close(out, 2.0 * x * c_in + 0.5, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(seen["t"], torch.tensor([500.0, 900.0])[:seen["t"].shape[0]] if
-                                   isinstance(sigma, torch.Tensor) else torch.full((2,), 500.0), rtol=0, atol=1e-3)
-
-
-def test_schedule_presets():
+def test_toy_preset_and_its_x0_denoiser():
+    # The fill50k toy: DDPM's linear betas 1e-4..0.02 (Ho et al. 2020 §4), trailing from t = 999, no offset; "sample"
+    # prediction: x0_hat = F(c_in x, t) exactly (c_skip = 0, c_out = 1), c_in = 1/sqrt(sigma^2 + 1), t = sigma's index.
     assert S.PRESETS == {"sd15": S.SD15, "sd21_v": S.SD21_V, "sdxl": S.SDXL, "svd": S.SVD, "toy": S.TOY}
-    # the fill50k toy: DDPM's linear betas 1e-4 .. 0.02 (Ho et al. 2020 §4), x0 targets, trailing, no offset
-    betas = S.make_betas(S.TOY)
-    torch.testing.assert_close(betas, torch.linspace(1e-4, 0.02, 1000), rtol=0, atol=0)
-    assert (S.TOY.prediction_type, S.TOY.timestep_spacing, S.TOY.steps_offset) == ("sample", "trailing", 0)
-    assert S.spaced_timesteps(4, S.TOY.timestep_spacing).tolist() == [999.0, 749.0, 499.0, 249.0]
+    torch.testing.assert_close(S.make_betas(S.TOY), torch.linspace(1e-4, 0.02, 1000), rtol=0, atol=0)  # same kernel
+    assert S.spaced_timesteps(4, S.TOY.timestep_spacing, steps_offset=S.TOY.steps_offset).tolist() == [999, 749, 499, 249]
+    seen = {}
+    denoiser = make_denoiser(S.TOY, lambda x_in, t: seen.update(t=t) or 2.0 * x_in + 0.5)
+    sigma = S.sigmas_from_alphas_cumprod(S.make_alphas_cumprod(S.TOY))[[500, 900]]  # (B,) per-sample levels
+    c_in = (1 / (sigma**2 + 1).sqrt()).float().view(2, 1, 1, 1)
+    torch.testing.assert_close(denoiser(_z(), sigma), 2.0 * _z() * c_in + 0.5, rtol=1e-6, atol=1e-7)  # fp32 rounding
+    torch.testing.assert_close(seen["t"], torch.tensor([500.0, 900.0]), rtol=0, atol=1e-3)
 
 
 def test_bad_input_raises():
