@@ -9,10 +9,12 @@ dvlab-research/ControlNeXt@ab4b3ac, the two generations of the module (../shared
   G1-SVD  ControlNeXt-SVD/models/controlnext_vid_svd.py: G2's stem (unpadded 2nd/3rd conv) + max-pool, 3 ResBlocks,
           residual mid, 1x1 to 1280, learnable `scale`.
 State-dict keys equal the official releases' (`embedding.*`, `down_res.*`, `down_sample.*`, `mid_convs.*`, `scale`),
-so their files load by identity. How the output enters the UNet (site, gain, normalisation) is inject.py's job.
-Sampling reuse: the stem and the first ResBlock's shortcut and GN-SiLU-conv1 do not depend on t, so `prepare(cond)`
-computes them once per sampling run and `forward(prepared, t)` runs only the time-dependent rest each step (the
-official pipelines recompute everything every step; the outputs are identical, tests/test_controlnext.py checks it).
+so their files load by identity. How the output enters the UNet (site, gain, normalisation) is controlnext.py's job.
+Sampling reuse: the stem does not depend on t, so `forward` is `from_stem(stem(cond), t)` and the sampling code
+(controlnext/sampling.py) computes `stem(cond)` once per run (the official pipelines recompute everything every step;
+the outputs are identical, tests/test_controlnext.py checks it). Caching more, the first ResBlock's t-independent
+half (shortcut and GN-SiLU-conv1), would save 0.8-0.9% of an SD1.5 step at batch 1 and 0.5% under CFG (measured at
+256 and 512 px, experiments/README.md Table 2): not worth splitting ResBlock.
 Left out: the official modules' unused constructor arguments and classes (BasicBlock, ControlProject); no zero-init
 (the official branch has none: the output is re-scaled by cross normalization instead).
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unet.blocks import Downsample, ResBlock, TimestepMLP, timestep_embedding
@@ -49,16 +50,6 @@ class ControlNeXtConfig:
     def stride(self) -> int:
         """Downsampling factor from the condition image to the output map."""
         return (2 if self.stem_channels else 1) * (2 if self.stem_maxpool else 1) * 2 ** len(self.res_channels)
-
-
-@dataclass(frozen=True)
-class PreparedControl:
-    """The branch's time-independent tensors for one condition batch, computed once per sampling run by `prepare`."""
-    skip: Tensor   # (N, C_1, H/2, W/2): the first ResBlock's shortcut of the stem output (N = B*F for video)
-    h: Tensor      # (N, C_1, H/2, W/2): the first ResBlock's conv1(SiLU(GN(stem output))), before + time embedding
-    batch: int     # B: condition samples (a video counts once)
-    frames: int    # frames per sample folded into N; 1 for images
-    video: bool    # the condition was (B, F, 3, H, W)
 
 
 class ControlNeXt(nn.Module):
@@ -102,31 +93,28 @@ class ControlNeXt(nn.Module):
         if self.scale is not None:
             nn.init.ones_(self.scale)
 
-    def prepare(self, cond: Tensor) -> PreparedControl:
-        """Condition image (B, 3, H, W) or video (B, F, 3, H, W) -> the tensors that no timestep changes."""
-        video = cond.ndim == 5
-        batch, frames = cond.shape[0], cond.shape[1] if video else 1
-        cond = cond.flatten(0, 1) if video else cond  # (N, 3, H, W), N = B*F: features per frame
-        x = cond if self.embedding is None else self.embedding(cond)  # (N, 128, H/2, W/2) with a stem
-        first = self.down_res[0]  # its input-side half: ResBlock.forward (unet/blocks.py) up to the time embedding
-        skip = x if first.conv_shortcut is None else first.conv_shortcut(x)  # (N, C_1, H/2, W/2)
-        return PreparedControl(skip, first.conv1(F.silu(first.norm1(x))), batch, frames, video)
+    def stem(self, cond: Tensor) -> Tensor:
+        """Condition image (B, 3, H, W) or video (B, F, 3, H, W) -> stem output (B[*F], C, H/2, W/2), which no
+        timestep changes (sampling computes it once per run); without a stem (G1-SD15) the image itself."""
+        cond = cond.flatten(0, 1) if cond.ndim == 5 else cond  # (N, 3, H, W), N = B*F: features per frame
+        return cond if self.embedding is None else self.embedding(cond)  # (N, 128, H/2, W/2) with a stem
 
-    def forward(self, cond: Tensor | PreparedControl, t: Tensor | float) -> Tensor:
-        """(B, 3, H, W) / (B, F, 3, H, W) or `prepare`'s output, t (B,) or scalar -> (B[*F], C_out, H/s, W/s)."""
-        pre = cond if isinstance(cond, PreparedControl) else self.prepare(cond)
-        t = torch.as_tensor(t, device=pre.h.device)
-        t = t.expand(pre.batch) if t.ndim == 0 else t  # (B,)
-        t = t.repeat_interleave(pre.frames)  # (B*F,): one time embedding per video
+    def from_stem(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """Stem output (N, C, H', W') and t (B,) or a scalar -> control features (N, C_out, H/s, W/s). For video
+        N = B*F: each video's t serves its F frames (the official modules repeat_interleave the embedding)."""
+        t = torch.as_tensor(t, device=x.device)
+        assert t.ndim == 0 or x.shape[0] % t.shape[0] == 0, f"t {tuple(t.shape)} for {x.shape[0]} stem outputs"
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t.repeat_interleave(x.shape[0] // t.shape[0])  # (N,)
         # The sinusoid is taken in fp32, then cast to the input dtype (as diffusers Timesteps + .to(sample.dtype)).
-        emb = self.time_embedding(timestep_embedding(t, self.config.time_channels).to(pre.h.dtype))  # (N, 256)
-        first = self.down_res[0]  # the rest of its ResBlock.forward, from the time embedding on
-        h = pre.h + first.time_emb_proj(F.silu(emb))[:, :, None, None]  # (N, C_1, H/2, W/2)
-        h = self.down_sample[0](pre.skip + first.conv2(F.silu(first.norm2(h))))  # (N, C_1, H/4, W/4)
-        for res, down in zip(self.down_res[1:], self.down_sample[1:]):
-            h = down(res(h, emb))  # (N, C_i, H_i/2, W_i/2)
-        h = self.mid_convs[0](h) + h if self.config.mid_residual else self.mid_convs[0](h)
-        return self.mid_convs[1](h)  # (N, C_out, H/s, W/s)
+        emb = self.time_embedding(timestep_embedding(t, self.config.time_channels).to(x.dtype))  # (N, 256)
+        for res, down in zip(self.down_res, self.down_sample):
+            x = down(res(x, emb))  # (N, C_i, H_i/2, W_i/2)
+        x = self.mid_convs[0](x) + x if self.config.mid_residual else self.mid_convs[0](x)
+        return self.mid_convs[1](x)  # (N, C_out, H/s, W/s)
+
+    def forward(self, cond: Tensor, t: Tensor | float) -> Tensor:
+        """Condition image (B, 3, H, W) or video (B, F, 3, H, W), t (B,) or scalar -> (B[*F], C_out, H/s, W/s)."""
+        return self.from_stem(self.stem(cond), t)
 
 
 # --- presets (../shared/reference/controlnext.md §1; parameter counts checked in tests/test_controlnext.py)

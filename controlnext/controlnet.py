@@ -4,7 +4,8 @@ Paper: Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion
 trainable copy) and §3.3 (the 4-layer hint encoder to 64x64). Reference: lllyasviel/ControlNet cldm/cldm.py
 ControlNet; module names follow huggingface/diffusers@v0.42.1 ControlNetModel (controlnets/controlnet.py) so its
 weights load by identity and the test compares the two. It reuses our UNet's DownBlock/MidBlock (unet/sd_unet.py).
-The output feeds `UNet.forward(down_residuals=, mid_residual=)`, one residual per skip and one after the mid block.
+The output feeds `UNet.forward(down_residuals=, mid_residual=)`, one residual per skip and one after the mid block;
+`ControlNetUNet` is the `--ablation=controlnet` arm (controlnext/controlnext.py ABLATIONS).
 Left out: guess mode, class embeddings, the SD2 `global_pool_conditions` option; SVD (ControlNeXt's Table 1 row is
 counted in experiments/table1_params.py from the SVD UNet's encoder instead).
 """
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from controlnext.checkpoint import load_into
 from unet.blocks import TimestepMLP, timestep_embedding
-from unet.sd_unet import TINY, DownBlock, MidBlock, UNet, UNetConfig
+from unet.sd_unet import DownBlock, MidBlock, UNet, UNetConfig, encoder_decoder_plan
 
 # The UNet tensors a ControlNet copies (ControlNet tool_add_control.py; diffusers ControlNetModel.from_unet).
 ENCODER_PREFIXES = ("time_embedding.", "add_embedding.", "conv_in.", "down_blocks.", "mid_block.")
@@ -64,15 +65,11 @@ class ControlNet(nn.Module):
         self.controlnet_cond_embedding = HintEncoder(cfg.hint_in_channels, cfg.hint_channels, u.channels[0])
 
         # The encoder copy, and one 1x1 zero conv per skip it pushes: conv_in, each ResBlock, each downsample.
-        skip_widths, width = [u.channels[0]], u.channels[0]
-        self.down_blocks = nn.ModuleList()
-        for level in range(len(u.channels)):
-            self.down_blocks.append(DownBlock(u, level, width))
-            width = u.channels[level]
-            skip_widths += [width] * (u.layers_per_block + (level < len(u.channels) - 1))
-        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in skip_widths)
+        plan = encoder_decoder_plan(u)
+        self.down_blocks = nn.ModuleList(DownBlock(u, level, width) for level, width in enumerate(plan.down))
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in plan.skips)
         self.mid_block = MidBlock(u)
-        self.controlnet_mid_block = nn.Conv2d(width, width, 1)
+        self.controlnet_mid_block = nn.Conv2d(u.channels[-1], u.channels[-1], 1)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -91,11 +88,11 @@ class ControlNet(nn.Module):
         return load_into(model, state, what="ControlNet encoder copied from the UNet", mode="partial")
 
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor, hint: Tensor, y: Tensor | None = None,
-                scale: float = 1.0) -> tuple[list[Tensor], Tensor]:
+                scale: float | Tensor = 1.0) -> tuple[list[Tensor], Tensor]:
         u = self.config.unet
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
-        emb = self.time_embedding(timestep_embedding(t, u.channels[0]).to(x.dtype))  # (B, 4*C0)
+        emb = self.time_embedding(timestep_embedding(t, u.channels[0]).to(x.dtype))  # (B, 4*C0), as UNet.time_emb
         if self.add_embedding is not None:
             if y is None:
                 raise ValueError(f"this ControlNet needs the vector condition y of width {u.adm_channels}")
@@ -110,5 +107,33 @@ class ControlNet(nn.Module):
         return down, scale * self.controlnet_mid_block(h)
 
 
-# --- presets: a ControlNet per UNet preset; `tiny` runs on CPU in milliseconds.
-TINY_CONTROLNET = ControlNetConfig(unet=TINY, hint_channels=(8, 16, 16, 32))
+class ControlNetUNet(nn.Module):
+    """The ControlNet baseline around a UNet: the encoder copy's zero-conv residuals enter the UNet's skips and mid.
+    It has the interface of controlnext.ControlNeXtUNet (prepare, features, forward_with_features, forward), but its
+    "features" are the control image itself: the encoder copy depends on x, so nothing can be computed ahead."""
+
+    control_uncond = True  # diffusers' ControlNet pipelines control both CFG halves (guess mode aside)
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.unet = unet
+        self.controlnet = ControlNet.from_unet(unet)
+
+    def control_parameters(self) -> dict[str, nn.Parameter]:
+        """The ControlNet (encoder copy, hint encoder, zero convs) under `controlnet.`."""
+        return {name: p for name, p in self.named_parameters() if not name.startswith("unet.")}
+
+    def prepare(self, control_image: Tensor) -> Tensor:
+        return control_image
+
+    def features(self, prepared: Tensor, t: Tensor | float) -> Tensor:
+        return prepared
+
+    def forward_with_features(self, x: Tensor, t: Tensor | float, context: Tensor, features: Tensor,
+                              y: Tensor | None = None, scale: float | Tensor = 1.0) -> Tensor:
+        down, mid = self.controlnet(x, t, context, features, y, scale)  # `features`: the control image (B, 3, H, W)
+        return self.unet(x, t, context, y, down_residuals=down, mid_residual=mid)
+
+    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, control_image: Tensor, y: Tensor | None = None,
+                scale: float | Tensor = 1.0) -> Tensor:
+        return self.forward_with_features(x, t, context, control_image, y, scale)

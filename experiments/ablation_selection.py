@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `protocol` and `fig3
 import protocol  # noqa: E402
 from fig3_convergence import header, parse_args  # noqa: E402
 
-from controlnext.ablations import build_controlled_unet  # noqa: E402
 from controlnext.control_branch import PRESETS as BRANCHES  # noqa: E402
-from controlnext.inject import PRESETS as INJECTIONS  # noqa: E402
+from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet  # noqa: E402
 from controlnext.selection import count_selected  # noqa: E402
 from unet.sd_unet import PRESETS as UNETS, UNet  # noqa: E402
 

@@ -13,7 +13,9 @@ for an idle one. diffusers is a benchmark-only import.
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -22,6 +24,9 @@ from tqdm import tqdm
 from controlnext.checkpoint import load_into
 from unet.keymap import unet_config_to_diffusers
 from unet.sd_unet import PRESETS, UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `table2_latency` beside this file, whatever the cwd
+import table2_latency  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,14 +62,7 @@ def main() -> None:
     extra = {"added_cond_kwargs": {"text_embeds": y[:, :-1536], "time_ids": torch.zeros(args.batch, 6, device=device)}} \
         if cfg.adm_channels else {}
 
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return clock() - start
+    timed = lambda fn: table2_latency.timed(fn, device, clock)  # noqa: E731
 
     run_ours = lambda: ours(x, t, context, y)  # noqa: E731
     run_reference = lambda: reference(x, t, context, **extra)  # noqa: E731

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from controlnext.control_branch import G1_SD15, G1_SVD, G2, ControlNeXt  # noqa: E402
 from controlnext.controlnet import ENCODER_PREFIXES, ControlNet, ControlNetConfig, HintEncoder  # noqa: E402
 from controlnext.selection import count_selected  # noqa: E402
-from unet.sd_unet import SD15, SDXL, UNet  # noqa: E402
+from unet.sd_unet import SD15, SDXL, UNet, encoder_decoder_plan  # noqa: E402
 from unet.svd_unet import SVD_XT, SVDUNet  # noqa: E402
 
 M = 1e6
@@ -43,8 +43,7 @@ def svd_controlnet_count(unet: nn.Module) -> int:
     """Encoder half of the SVD UNet + ControlNet's hint encoder (to C0) + one zero conv per skip and the mid."""
     encoder = sum(p.numel() for n, p in unet.named_parameters() if n.startswith(ENCODER_PREFIXES))
     channels = unet.config.channels
-    skips = [channels[0]] + [c for i, c in enumerate(channels) for _ in range(2 + (i < len(channels) - 1))]
-    zero_convs = sum(w * w + w for w in skips + [channels[-1]])
+    zero_convs = sum(w * w + w for w in encoder_decoder_plan(unet.config).skips + [channels[-1]])
     return encoder + count(HintEncoder(3, ControlNetConfig().hint_channels, channels[0])) + zero_convs
 
 

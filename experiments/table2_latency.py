@@ -13,11 +13,11 @@ each arm's time is divided by the same round's base time (paired ratios cancel t
 report medians over rounds. On the CPU the clock is the process's CPU time (single-threaded runs: the work done, not
 the time spent waiting for a core on a shared machine; `--clock=wall` for wall time).
 Batch 1 = one image without CFG; batch 2 = one image with CFG (uncond + cond halves).
-Arms: `controlnext` is the sampling step as this repo runs it: the branch's time-independent stem is prepared once
-per run (its cost is measured every round and added as 1/`steps` of it: "amortised"), and under CFG the branch runs
-once for both halves (ablations.py). `controlnext_official` recomputes the whole branch every step on the duplicated
-condition, as the official pipelines do. `controlnet` runs its encoder copy on the doubled batch (the halves differ in
-their prompts, so nothing can be shared). Left out: the VAE decode and text encoding (not part of a step).
+Arms: `controlnext` is the sampling step as this repo runs it, the denoiser closure of controlnext/sampling.py: the
+branch's time-independent stem is prepared once per run (its cost is measured every round and added as 1/`steps` of
+it: "amortised"), and under CFG the branch runs once for both halves. `controlnext_official` recomputes the whole
+branch every step on the duplicated condition, as the official pipelines do. `controlnet` runs its encoder copy on
+the doubled batch (the halves differ in their prompts, so nothing can be shared). Left out: the VAE decode and text encoding (not part of a step).
 """
 
 import argparse
@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from controlnext.ablations import build_controlled_unet
 from controlnext.control_branch import G2, TINY as BRANCH_TINY
-from controlnext.inject import SD15_TRAIN
+from controlnext.controlnext import SD15_TRAIN, build_controlled_unet
+from controlnext.sampling import cfg_denoiser
+from schedulers.sigmas import SD15 as SD15_SCHEDULE
 from unet.sd_unet import SD15, TINY, UNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,6 +76,17 @@ def build(smoke: bool, device: torch.device, dtype: torch.dtype) -> tuple[UNet, 
     return unet, models
 
 
+def timed(fn, device: torch.device, clock) -> float:
+    """Seconds `fn()` takes on `clock`; on a GPU, with the queued work finished before and after (also bench_unet.py)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = clock()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - start
+
+
 def measure(unet: UNet, models: dict, size: int, batch: int, repeats: int, steps: int, device: torch.device,
             dtype: torch.dtype, clock) -> dict[str, list[float]]:
     """Seconds per call of each arm, `repeats` interleaved rounds (plus one warm-up round), and the prepare cost."""
@@ -88,30 +100,23 @@ def measure(unet: UNet, models: dict, size: int, batch: int, repeats: int, steps
     cnx, cn = models["controlnext"], models["controlnet"]
     prepared = {}
 
-    def prepare():
-        prepared["stem"] = cnx.prepare_control(image)  # once per sampling run
+    def prepare():  # once per sampling run: the closure computes the branch's stem when it is built
+        cfg = batch == 2
+        prepared["denoiser"] = cfg_denoiser(unet, SD15_SCHEDULE, context[:images], context[:images] if cfg else None,
+                                            7.5 if cfg else 1.0, [(cnx, image, 1.0)])
 
     calls = {"base": lambda: unet(x, t, context),
-             "controlnext": lambda: cnx(x, t, context, prepared["stem"]),
+             "controlnext": lambda: prepared["denoiser"](x[:images], 1.0),  # one sampler step's model call
              "controlnext_official": lambda: cnx(x, t, context, doubled),
              "controlnet": lambda: cn(x, t, context, doubled)}
-
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return clock() - start
 
     times = {name: [] for name in (*ARMS, "prepare")}
     with torch.inference_mode():
         for r in range(repeats + 1):  # round 0 warms up allocator and kernel choice; it is dropped
             order = ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]  # rotate so no arm always runs first
-            round_times = {"prepare": timed(prepare)}
+            round_times = {"prepare": timed(prepare, device, clock)}
             for name in order:
-                round_times[name] = timed(calls[name])
+                round_times[name] = timed(calls[name], device, clock)
             if r:
                 for name, value in round_times.items():
                     times[name].append(value)

@@ -8,13 +8,15 @@ table in ../shared/reference/checkpoints.md §8:
     SD1.5 / SDXL (epsilon)     1               -sigma               1/sqrt(sigma^2+1)  t (DDPM index)
     SD2-768 (v-prediction)     1/(sigma^2+1)   -sigma/sqrt(s^2+1)   1/sqrt(sigma^2+1)  t
     SVD (EDM v, sigma_data 1)  1/(sigma^2+1)   -sigma/sqrt(s^2+1)   1/sqrt(sigma^2+1)  0.25 ln sigma
+    fill50k toy (x0, "sample") 0               1                    1/sqrt(sigma^2+1)  t
 
 c_in x is exactly the DDPM sample sqrt(abar) x0 + sqrt(1-abar) eps, so the wrapped UNet sees what it was trained on.
 Matches crowsonkb/k-diffusion k_diffusion/external.py (DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser) and the
 x0 formulas of huggingface/diffusers@v0.42.1:src/diffusers/schedulers/scheduling_euler_discrete.py (step) and SGM's
 VScalingWithEDMcNoise (Stability-AI/generative-models sgm/modules/diffusionmodules/denoiser_scaling.py).
 
-Left out: "sample" (x0) prediction, learned-variance outputs, and SGM's EDM scaling with sigma_data != 1.
+`make_denoiser(schedule, net)` is the one factory: the schedule preset (schedulers/sigmas.py) says which wrapper.
+Left out: learned-variance outputs, and SGM's EDM scaling with sigma_data != 1.
 """
 
 import abc
@@ -102,6 +104,14 @@ class VDenoiser(DiscreteDenoiser):
         return 1 / (sigma**2 + 1), -sigma * c_in, c_in
 
 
+class X0Denoiser(DiscreteDenoiser):
+    """x0 ("sample") prediction: x0_hat = F(c_in x, t), i.e. c_skip = 0, c_out = 1 (Karras et al. 2022 Table 1's
+    general form). The fill50k toy uses it (schedulers/sigmas.py TOY)."""
+
+    def scalings(self, sigma):
+        return 0.0 * sigma, 0.0 * sigma + 1.0, 1 / (sigma**2 + 1) ** 0.5  # float or (B,) tensor sigma
+
+
 class EDMVDenoiser:
     """SVD: EDM preconditioning with v-targets and sigma_data = 1 (SGM VScalingWithEDMcNoise), continuous sigma."""
 
@@ -123,7 +133,7 @@ class EDMVDenoiser:
 
 
 def make_denoiser(cfg: ScheduleConfig, net) -> DiscreteDenoiser | EDMVDenoiser:
-    """The denoiser a schedule preset implies: EDM-v for continuous c_noise (SVD), else discrete eps or v.
+    """The denoiser a schedule preset implies: EDM-v for continuous c_noise (SVD), else discrete eps, v or x0.
 
     Karras sigmas on a discrete model round t, as diffusers' DPM-Solver/UniPC do (its Euler does not: pass
     EpsDenoiser(..., quantize=False) to match that one).
@@ -132,9 +142,5 @@ def make_denoiser(cfg: ScheduleConfig, net) -> DiscreteDenoiser | EDMVDenoiser:
         if cfg.prediction_type != "v_prediction":
             raise ValueError(f"continuous c_noise is implemented for v_prediction only, got {cfg.prediction_type!r}")
         return EDMVDenoiser(net)
-    alphas_cumprod = make_alphas_cumprod(cfg)
-    if cfg.prediction_type == "epsilon":
-        return EpsDenoiser(net, alphas_cumprod, quantize=cfg.use_karras_sigmas)
-    if cfg.prediction_type == "v_prediction":
-        return VDenoiser(net, alphas_cumprod, quantize=cfg.use_karras_sigmas)
-    raise ValueError(f"unknown prediction_type {cfg.prediction_type!r}")
+    discrete = {"epsilon": EpsDenoiser, "v_prediction": VDenoiser, "sample": X0Denoiser}[cfg.prediction_type]
+    return discrete(net, make_alphas_cumprod(cfg), quantize=cfg.use_karras_sigmas)

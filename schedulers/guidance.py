@@ -2,7 +2,7 @@
 
 CFG is Ho & Salimans 2022 ("Classifier-Free Diffusion Guidance", Eq. 6): pred = uncond + w (cond - uncond). It is
 affine, so it gives the same sampler step whether it is applied to eps, v or x0_hat (all are affine in one another at
-fixed sigma); controlnext/pipeline.py applies it inside the denoiser closure. Guidance rescale is Lin et al. 2023
+fixed sigma); controlnext/sampling.py applies it inside the denoiser closure. Guidance rescale is Lin et al. 2023
 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4 and Alg. 2); it is not affine, and like
 diffusers we apply it to the network output (eps or v). The SVD ramp is the linspace(min, max, F) of
 huggingface/diffusers@v0.42.1:src/diffusers/pipelines/stable_video_diffusion/pipeline_stable_video_diffusion.py and of

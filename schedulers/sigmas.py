@@ -20,13 +20,18 @@ from dataclasses import dataclass
 import torch
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     num_train_timesteps: int = 1000  # DDPM T (LDM/SGM configs)
     beta_start: float = 0.00085  # LDM "linear" schedule = diffusers "scaled_linear" (checkpoints.md §8)
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"  # what the network outputs: "epsilon" | "v_prediction"
+    prediction_type: str = "epsilon"  # what the network outputs: "epsilon" | "v_prediction" | "sample" (x0)
     timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace" (diffusers' names)
     steps_offset: int = 1  # added to "leading" timesteps; SD1.5 ships 1 (checkpoints.md §7.5)
     rescale_zero_snr: bool = False  # Lin et al. 2023 Alg. 1; none of the presets uses it
@@ -35,16 +40,29 @@ class ScheduleConfig:
     use_karras_sigmas: bool = False  # sample on Karras et al. Eq. 5 instead of DDPM timesteps
     continuous_c_noise: bool = False  # network time input 0.25 ln(sigma) instead of t (SVD, EDM Table 1)
 
+    def __post_init__(self):
+        for field, value, allowed in (("beta_schedule", self.beta_schedule, BETA_SCHEDULES),
+                                      ("prediction_type", self.prediction_type, PREDICTION_TYPES),
+                                      ("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)):
+            if value not in allowed:
+                raise ValueError(f"ScheduleConfig.{field} must be one of {allowed}, got {value!r}")
 
-# One line per preset (checkpoints.md §7.5 scheduler configs). SD1.5's shipped JSON has no timestep_spacing: DDIM and
-# PNDM fill in "leading" (kept here), but diffusers' Euler/Heun/DPM-Solver/UniPC fill in their own default "linspace",
-# so the official ControlNeXt SD1.5 pipeline (UniPC.from_config) samples on linspace: replace(SD15, timestep_spacing=...)
+
+# One line per preset (checkpoints.md §7.5 scheduler configs); train.py / sample.py name one by `schedule`. SD1.5's
+# shipped JSON has no timestep_spacing: DDIM and PNDM fill in "leading" (kept here), but diffusers' Euler/Heun/
+# DPM-Solver/UniPC fill in their own default "linspace", so the official ControlNeXt SD1.5 pipeline
+# (UniPC.from_config) samples on linspace: replace(SD15, timestep_spacing="linspace").
 SD15 = ScheduleConfig()
 SD21_V = ScheduleConfig(prediction_type="v_prediction")
 SDXL = ScheduleConfig()
 SVD = ScheduleConfig(prediction_type="v_prediction", sigma_min=0.002, sigma_max=700.0, use_karras_sigmas=True,
                      continuous_c_noise=True)
-PRESETS = {"sd15": SD15, "sd21_v": SD21_V, "sdxl": SDXL, "svd": SVD}
+# The fill50k toy (train.py): DDPM's pixel-space linear schedule (Ho et al. 2020 §4), x0 targets (its 32-wide first
+# level cannot pass 192 noise channels through; schedulers/denoisers.py X0Denoiser), sampling from t = T-1 (Lin et
+# al. 2023 Table 2).
+TOY = ScheduleConfig(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="sample",
+                     timestep_spacing="trailing", steps_offset=0)
+PRESETS = {"sd15": SD15, "sd21_v": SD21_V, "sdxl": SDXL, "svd": SVD, "toy": TOY}
 
 
 # --- betas and alphas_cumprod ---------------------------------------------------------------------------------------

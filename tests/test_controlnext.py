@@ -1,11 +1,12 @@
-"""ControlNeXt (issue 4): branches, cross normalization vs the official code, ablation arms, ControlNet vs diffusers,
-parameter selection, weight increments and Table 1. Full configs are built on the meta device only."""
+"""ControlNeXt: the branch presets against the reference's independent numbers, cross normalization against the
+official code and closed forms, the injection presets and arms, ControlNet vs diffusers, and Table 1. Full configs
+are built on the meta device only. The sampling path: tests/test_sampling.py; UNet selection: tests/test_selection.py."""
 
 from __future__ import annotations
 
-import copy
 import math
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from controlnext import inject as inj
-from controlnext.ablations import ABLATIONS, build_controlled_unet
-from controlnext.checkpoint import KeyMap, save_state
-from controlnext.releases import load_control_branch, load_unet_weights, weight_increments
-from controlnext.control_branch import G1_SD15, G1_SVD, G2, TINY as BRANCH_TINY, ControlNeXt
+from controlnext import controlnext as cnx
+from controlnext.checkpoint import save_state
+from controlnext.releases import load_control_branch
+from controlnext.control_branch import G1_SD15, G1_SVD, G2, G2_SVD_INFER, TINY as BRANCH_TINY, ControlNeXt
 from controlnext.controlnet import ControlNet, ControlNetConfig
-from controlnext.selection import count_selected, merge_lora, select_trainable
-from unet.keymap import unet_original_rows
-from unet.sd_unet import SD15, SDXL, TINY, UNet
+from controlnext.controlnext import ABLATIONS, build_controlled_unet
+from unet.sd_unet import SD15, TINY, UNet, control_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +37,108 @@ def tiny_inputs(batch: int = 2):
     return x, t, context, image
 
 
-# --- control branches ------------------------------------------------------------------------------------------------
+# --- control branches: each preset against the numbers of ../shared/reference/controlnext.md §1.2-1.4 ---------------
+# Written out here, not derived from our configs, so that a wrong preset cannot be its own reference.
+# stem convs (in, out, stride, padding), max-pool after the stem, ResBlocks (in, out, GroupNorm groups), residual mid, out
+OFFICIAL = {
+    "g2": ([(3, 64, 2, 1), (64, 64, 1, 1), (64, 128, 1, 1)], False, [(128, 128, 4), (128, 256, 8)], True, 320),
+    "g1_sd15": ([], False, [(3, 128, 1), (128, 256, 8), (256, 256, 8)], False, 1280),
+    "g1_svd": ([(3, 64, 2, 1), (64, 64, 1, 0), (64, 128, 1, 0)], True, [(128, 128, 4), (128, 256, 8), (256, 256, 8)],
+               True, 1280),
+    "g2_svd_infer": ([(3, 64, 2, 1), (64, 64, 1, 0), (64, 128, 1, 0)], False, [(128, 128, 4), (128, 256, 8)], True, 320),
+}
+# Parameters per top-level module (§1.2-1.4 tables; the stem GroupNorms are 128, 128, 256; the ReLUs have none).
+STEM = {"embedding.0": 1_792, "embedding.1": 128, "embedding.3": 36_928, "embedding.4": 128, "embedding.6": 73_856,
+        "embedding.7": 256}
+LAYER_COUNTS = {
+    "g2": {"time_embedding": 98_816, **STEM, "down_res.0": 328_576, "down_sample.0": 147_584, "down_res.1": 984_832,
+           "down_sample.1": 590_080, "mid_convs.0": 1_181_184, "mid_convs.1": 82_240},
+    "g1_sd15": {"time_embedding": 98_816, "down_res.0": 184_838, "down_sample.0": 147_584, "down_res.1": 984_832,
+                "down_sample.1": 590_080, "down_res.2": 1_246_976, "down_sample.2": 590_080, "mid_convs.0": 1_180_160,
+                "mid_convs.1": 328_960, "scale": 1},
+    "g1_svd": {"time_embedding": 98_816, **STEM, "down_res.0": 328_576, "down_sample.0": 147_584,
+               "down_res.1": 984_832, "down_sample.1": 590_080, "down_res.2": 1_246_976, "down_sample.2": 590_080,
+               "mid_convs.0": 1_181_184, "mid_convs.1": 328_960, "scale": 1},
+}
+LAYER_COUNTS["g2_svd_infer"] = LAYER_COUNTS["g2"]  # padding changes no parameter
+TOTALS = {"g2": 3_526_400, "g1_sd15": 5_352_327, "g1_svd": 5_610_177, "g2_svd_infer": 3_526_400}
+# Output map for a condition image (H, W), reference §1.2-1.4: stride 8, 8, 32; the v2 inference stem loses 4 px.
+OUTPUT = {"g2": ((512, 512), (64, 64)), "g1_sd15": ((512, 512), (64, 64)), "g1_svd": ((512, 768), (16, 24)),
+          "g2_svd_infer": ((576, 1024), (71, 127))}
+PRESET_CONFIGS = {"g2": G2, "g1_sd15": G1_SD15, "g1_svd": G1_SVD, "g2_svd_infer": G2_SVD_INFER}
 
-def test_branch_parameter_counts():
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_branch_presets_are_the_official_modules(name):
+    stem, maxpool, resblocks, residual_mid, out = OFFICIAL[name]
     with torch.device("meta"):
-        assert n_params(ControlNeXt(G2)) == 3_526_400
-        assert n_params(ControlNeXt(G1_SD15)) == 5_352_327
-        assert n_params(ControlNeXt(G1_SVD)) == 5_610_177
+        branch = ControlNeXt(PRESET_CONFIGS[name])
+        (H, W), size = OUTPUT[name]
+        assert tuple(branch(torch.zeros(1, 3, H, W), torch.zeros(1)).shape) == (1, out, *size)
+    counts = {}
+    for key, p in branch.named_parameters():
+        parts = key.split(".")
+        layer = parts[0] if parts[0] in ("time_embedding", "scale") else ".".join(parts[:2])  # e.g. down_res.0
+        counts[layer] = counts.get(layer, 0) + p.numel()
+    assert counts == LAYER_COUNTS[name] and n_params(branch) == TOTALS[name]
+    convs = [m for m in branch.embedding.children() if isinstance(m, nn.Conv2d)] if stem else []
+    assert [(c.in_channels, c.out_channels, c.stride[0], c.padding[0]) for c in convs] == stem
+    norms = [m for m in branch.embedding.children() if isinstance(m, nn.GroupNorm)] if stem else []
+    assert [(g.num_groups, g.eps) for g in norms] == [(2, 1e-5)] * len(stem)  # plain nn.GroupNorm(2, C)
+    assert (stem != [] and isinstance(list(branch.embedding.children())[-1], nn.MaxPool2d)) == maxpool
+    for res, down, (c_in, c_out, groups) in zip(branch.down_res, branch.down_sample, resblocks, strict=True):
+        assert (res.norm1.num_channels, res.conv1.out_channels) == (c_in, c_out)
+        assert (res.norm1.num_groups, res.norm2.num_groups) == (groups, groups)
+        assert (res.norm1.eps, res.norm2.eps) == (1e-6, 1e-6)  # diffusers ResnetBlock2D's default
+        assert (down.conv.stride, down.conv.padding) == ((2, 2), (1, 1))
+    mid_norms = [m for m in branch.mid_convs[0] if isinstance(m, nn.GroupNorm)]
+    assert [(g.num_groups, g.eps) for g in mid_norms] == ([(8, 1e-5)] * 2 if residual_mid else [])
+    assert branch.mid_convs[1].out_channels == out and branch.mid_convs[1].kernel_size == (1, 1)
+
+
+def _official_branch(name: str) -> nn.Module:
+    """The official module rebuilt from diffusers' blocks (ResnetBlock2D, Downsample2D, Timesteps, TimestepEmbedding)
+    with the numbers of OFFICIAL, not with our config."""
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+
+    stem, maxpool, resblocks, residual_mid, out = OFFICIAL[name]
+    m = nn.Module()
+    m.time_proj = Timesteps(128, flip_sin_to_cos=True, downscale_freq_shift=0)
+    m.time_embedding = TimestepEmbedding(128, 256)
+    layers = []
+    for c_in, c_out, stride, pad in stem:
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, pad), nn.GroupNorm(2, c_out), nn.ReLU()]
+    m.embedding = nn.Sequential(*layers, *([nn.MaxPool2d(2)] if maxpool else []))
+    m.down_res = nn.ModuleList(ResnetBlock2D(in_channels=i, out_channels=o, temb_channels=256, groups=g)
+                               for i, o, g in resblocks)
+    m.down_sample = nn.ModuleList(Downsample2D(o, use_conv=True, out_channels=o, padding=1, name="op")
+                                  for _, o, _ in resblocks)
+    w = resblocks[-1][1]
+    conv = lambda: nn.Conv2d(w, w, 3, padding=1)  # noqa: E731
+    mid = [conv(), nn.ReLU(), nn.GroupNorm(8, w), conv(), nn.GroupNorm(8, w)] if residual_mid else [conv(), nn.ReLU(), conv()]
+    m.mid_convs = nn.ModuleList([nn.Sequential(*mid), nn.Conv2d(w, out, 1)])
+    m.residual_mid = residual_mid
+    return m
+
+
+@pytest.mark.parametrize("name", ["g2", "g1_sd15", "g1_svd"])
+def test_branch_matches_official_blocks(name):
+    torch.manual_seed(0)
+    ours = ControlNeXt(PRESET_CONFIGS[name])
+    ref = _official_branch(name)
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "scale"}, strict=True)
+    image, t = torch.rand(2, 3, 64, 64), torch.tensor([3.0, 999.0])
+    with torch.no_grad():
+        emb = ref.time_embedding(ref.time_proj(t))
+        h = ref.embedding(image)
+        for res, down in zip(ref.down_res, ref.down_sample):
+            h = down(res(h, emb))
+        expected = ref.mid_convs[1](ref.mid_convs[0](h) + h if ref.residual_mid else ref.mid_convs[0](h))
+        out = ours(image, t)
+        # the stem once per run + the rest per step (what sampling.py does) is the same sequence of kernels
+        assert torch.equal(ours.from_stem(ours.stem(image), t), out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)  # fp32 noise on O(1) outputs; a wrong op is O(1)
 
 
 def test_official_key_names_and_roundtrip(tmp_path):
@@ -82,46 +176,9 @@ def test_official_key_names_and_roundtrip(tmp_path):
         load_control_branch({k: v for k, v in branch.state_dict().items() if k != "mid_convs.1.bias"})
 
 
-def _diffusers_branch(cfg):
-    """The official module rebuilt from diffusers blocks (ResnetBlock2D, Downsample2D, Timesteps, TimestepEmbedding)."""
-    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-    from diffusers.models.resnet import Downsample2D, ResnetBlock2D
-
-    m = nn.Module()
-    m.time_proj = Timesteps(cfg.time_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
-    m.time_embedding = TimestepEmbedding(cfg.time_channels, cfg.emb_dim)
-    stem, width = [], cfg.in_channels
-    for i, (out, pad) in enumerate(zip(cfg.stem_channels, cfg.stem_padding)):
-        stem += [nn.Conv2d(width, out, 3, 2 if i == 0 else 1, pad), nn.GroupNorm(cfg.stem_groups, out), nn.ReLU()]
-        width = out
-    m.embedding = nn.Sequential(*stem, *([nn.MaxPool2d(2)] if cfg.stem_maxpool else []))
-    m.down_res, m.down_sample = nn.ModuleList(), nn.ModuleList()
-    for out, g in zip(cfg.res_channels, cfg.res_groups):
-        m.down_res.append(ResnetBlock2D(in_channels=width, out_channels=out, temb_channels=cfg.emb_dim, groups=g))
-        m.down_sample.append(Downsample2D(out, use_conv=True, out_channels=out, padding=1, name="op"))
-        width = out
-    m.mid_convs = nn.ModuleList([nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.GroupNorm(8, width),
-                                               nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width)),
-                                 nn.Conv2d(width, cfg.out_channels, 1)])
-    return m
 
 
-@pytest.mark.parametrize("cfg", [G2, G1_SVD], ids=["g2", "g1_svd"])
-def test_branch_matches_official_blocks(cfg):
-    ours = ControlNeXt(cfg)
-    ref = _diffusers_branch(cfg)
-    state = {k: v for k, v in ours.state_dict().items() if k != "scale"}
-    ref.load_state_dict(state, strict=True)
-    image, t = torch.rand(2, 3, 96, 64), torch.tensor([3.0, 999.0])
-    emb = ref.time_embedding(ref.time_proj(t))
-    h = ref.embedding(image)
-    for res, down in zip(ref.down_res, ref.down_sample):
-        h = down(res(h, emb))
-    expected = ref.mid_convs[1](ref.mid_convs[0](h) + h)
-    assert torch.allclose(ours(image, t), expected, atol=1e-5)
-
-
-# --- cross normalization vs direct transcriptions of the official code -------------------------------------------------
+# --- cross normalization: the official transcriptions and closed forms -------------------------------------------------
 
 def _stats(x):
     return torch.mean(x, dim=(1, 2, 3), keepdim=True), torch.std(x, dim=(1, 2, 3), keepdim=True)
@@ -139,26 +196,36 @@ def official(sample, control, k, *, eps, pool_first):
     return sample + control * k
 
 
-def test_cross_normalize_matches_official_variants():
+def _model_for(preset: cnx.Injection, learned: float = 0.8) -> cnx.ControlNeXtUNet:
+    """A tiny controlled UNet whose branch fits the preset's site, with the G1 `scale` parameter set to `learned`."""
+    branch = replace(BRANCH_TINY, out_channels=control_sites(TINY)[preset.site], learnable_scale=preset.scale != "none")
+    model = cnx.ControlNeXtUNet(UNet(TINY), branch, preset)
+    if model.branch.scale is not None:
+        nn.init.constant_(model.branch.scale, learned)
+    return model
+
+
+def test_injection_presets_match_the_official_forwards():
     h = torch.randn(3, 8, 4, 6) * 2.5 + 0.7
     c = torch.randn(3, 8, 8, 12) * 0.3 - 1.0
-    scale_param = torch.tensor(0.8)
-    cases = {  # preset -> (official k, eps, pool first)
+    learned = torch.tensor(0.8)
+    cases = {  # preset -> (official k at the user's scale, eps, pool first)
         "sd15_train": (0.35, 1e-12, True),
-        "sd15_release": (scale_param, 1e-12, True),
+        "sd15_release": (learned, 1e-12, True),
         "sdxl": (1.0, 1e-12, False),
-        "svd_v1": (torch.sigmoid(scale_param) * 1.3, 1e-5, False),
+        "svd_v1": (torch.sigmoid(learned) * 1.3, 1e-5, False),
         "svd_v2": (1.0 * 0.2, 1e-5, False),
     }
     for name, (k, eps, pool_first) in cases.items():
-        preset = inj.PRESETS[name]
+        preset = cnx.PRESETS[name]
         user = 0.35 if name == "sd15_train" else 1.0
-        ours = inj.inject(h, [c], [user * inj.branch_gain(preset, scale_param)], preset)
-        assert torch.allclose(ours, official(h, c, k, eps=eps, pool_first=pool_first), atol=1e-6), name
+        with torch.no_grad():
+            ours = h + _model_for(preset).strength(user) * cnx.align(h, c, preset)  # the add at the site
+        torch.testing.assert_close(ours, official(h, c, k, eps=eps, pool_first=pool_first), rtol=0, atol=1e-6)
     # The official form gives the added term the main branch's std and mean when pooled first.
-    out = inj.cross_normalize(h, c, eps=1e-12, pool_first=True)
-    assert torch.allclose(out.std(dim=(1, 2, 3)), h.std(dim=(1, 2, 3)), atol=1e-5)
-    assert torch.allclose(out.mean(dim=(1, 2, 3)), h.mean(dim=(1, 2, 3)), atol=1e-5)
+    out = cnx.cross_normalize(h, c, eps=1e-12, pool_first=True, paper_form=False)
+    torch.testing.assert_close(out.std(dim=(1, 2, 3)), h.std(dim=(1, 2, 3)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), h.mean(dim=(1, 2, 3)), rtol=0, atol=1e-5)
 
 
 def test_paper_form_is_eq10():
@@ -166,27 +233,41 @@ def test_paper_form_is_eq10():
     mu = h.mean(dim=(1, 2, 3), keepdim=True)
     var = ((h - mu) ** 2).mean(dim=(1, 2, 3), keepdim=True)  # Eq. 8, 1/n
     expected = gamma * (c - mu) / torch.sqrt(var + eps)  # Eq. 9-10
-    ours = gamma * inj.cross_normalize(h, c, eps=eps, pool_first=True, paper_form=True)
-    assert torch.allclose(ours, expected, atol=1e-6)
+    ours = gamma * cnx.cross_normalize(h, c, eps=eps, pool_first=True, paper_form=True)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
-def test_multi_condition_window_and_per_sample_scale():
-    h, c1, c2 = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8)
-    p = inj.SD15_TRAIN
-    both = inj.inject(h, [c1, c2], [0.5, 0.25], p)
-    one = inj.cross_normalize(h, c1, eps=p.eps, pool_first=p.pool_first)
-    two = inj.cross_normalize(h, c2, eps=p.eps, pool_first=p.pool_first)
-    assert torch.allclose(both, h + 0.5 * one + 0.25 * two, atol=1e-6)
-    assert inj.window_scale(0.8, progress=0.9, start=0.0, end=0.5) == 0.0
-    assert inj.window_scale(0.8, progress=0.3, start=0.0, end=0.5) == 0.8
-    hook = inj.control_hook([c1], [inj.window_scale(1.0, 0.9, 0.0, 0.5)], p)
-    assert torch.equal(hook("down_0", h), h)
-    k = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)  # CFG: uncond half uncontrolled (SVD-v2 pipeline)
-    out = inj.inject(h, [c1], [k], p)
-    assert torch.equal(out[0], h[0]) and not torch.allclose(out[1], h[1])
+def test_cross_normalize_eps_in_closed_form():
+    # Small-variance inputs, where eps decides the result; values exact in fp32 (multiples of powers of 2), so the
+    # expectation is exact up to one rounding. A wrong eps, a biased/unbiased mix-up or eps on the std instead of the
+    # variance (or the reverse) moves the result by > 1e-3 relative; the tolerance is 1e-6.
+    n, a, b = 16, 2.0**-10, 2.0**-14
+    sign = torch.tensor([1.0, -1.0]).repeat(n // 2).view(1, 1, 4, 4)  # (1, 1, 4, 4): half +1, half -1
+    # Paper form: h = 0.5 +- a (mean 0.5, biased var a^2), c = 1.5 -> (1.5 - 0.5) / sqrt(a^2 + eps)
+    h, c = 0.5 + a * sign, torch.full((1, 1, 4, 4), 1.5)
+    out = cnx.cross_normalize(h, c, eps=1e-5, pool_first=True, paper_form=True)
+    torch.testing.assert_close(out, torch.full_like(out, 1 / math.sqrt(a * a + 1e-5)), rtol=1e-6, atol=0)
+    # Official form (SVD eps 1e-5 on the unbiased std): h = +-1, c = +-b, both mean 0, std_h = s and std_c = b s with
+    # s = sqrt(n / (n - 1)) (unbiased) -> c * std_h / (std_c + eps) = +-b s / (b s + eps).
+    s = math.sqrt(n / (n - 1))
+    out = cnx.cross_normalize(sign, b * sign, eps=1e-5, pool_first=True, paper_form=False)
+    torch.testing.assert_close(out, sign * (b * s / (b * s + 1e-5)), rtol=1e-6, atol=0)
 
 
-# --- ablation arms ----------------------------------------------------------------------------------------------------
+# --- injection presets and the --ablation arms ------------------------------------------------------------------------
+
+def test_injection_fields_are_validated():
+    for field, value in (("form", "cross_norm"), ("scale", "learned"), ("site", "down0"), ("eps", 0.0)):
+        with pytest.raises(ValueError, match=f"Injection.{field}"):
+            replace(cnx.SD15_TRAIN, **{field: value})
+    unet = UNet(TINY)
+    with pytest.raises(ValueError, match="not a site of this UNet"):
+        cnx.ControlNeXtUNet(unet, BRANCH_TINY, replace(cnx.SD15_TRAIN, site="down_7"))
+    with pytest.raises(ValueError, match="out_channels=32 differ from the UNet's width 64 at site 'mid_out'"):
+        cnx.ControlNeXtUNet(unet, BRANCH_TINY, replace(cnx.SD15_TRAIN, site="mid_out"))
+    with pytest.raises(ValueError, match="needs a branch with a learnable scale"):
+        cnx.ControlNeXtUNet(unet, BRANCH_TINY, replace(cnx.SD15_TRAIN, scale="raw"))
+
 
 def test_ablation_arms_at_init():
     unet = UNet(TINY).eval()
@@ -194,16 +275,44 @@ def test_ablation_arms_at_init():
     with torch.no_grad():
         ref = unet(x, t, context)
         for name in ABLATIONS:
-            model = build_controlled_unet(name, unet, BRANCH_TINY, inj.SD15_TRAIN).eval()
+            model = build_controlled_unet(name, unet, BRANCH_TINY, cnx.SD15_TRAIN).eval()
             out = model(x, t, context, image)
             params = model.control_parameters()
             assert params and not any(n.startswith("unet.") for n in params), name
             if name in ("zero_conv", "controlnet"):
-                assert torch.equal(out, ref), name  # zero-initialised: exactly the base UNet
+                # zero-initialised, the added term is exactly 0: bitwise the base UNet (same kernels, same batch)
+                assert torch.equal(out, ref), name
             else:
                 assert (out - ref).abs().max() > 1e-3, name  # cross normalization acts from step 0, as the official code
+    arms = {name: build_controlled_unet(name, unet, BRANCH_TINY, cnx.SVD_V2) for name in ABLATIONS}
+    assert arms["cross_norm"].injection == cnx.SVD_V2
+    assert [arms[n].injection.form for n in ("zero_conv", "no_norm", "paper_norm")] == ["zero_conv", "plain", "paper"]
+    assert arms["paper_norm"].injection.eps == 1e-5 and arms["paper_norm"].gamma is not None
     with pytest.raises(ValueError, match="unknown ablation"):
         build_controlled_unet("zeroconv", unet, BRANCH_TINY)
+
+
+def test_svd_injection_presets_on_the_video_unet():
+    from unet.svd_unet import TINY as SVD_TINY, SVDUNet
+
+    unet = SVDUNet(SVD_TINY).eval()
+    frames = SVD_TINY.num_frames
+    x, context = torch.randn(1, frames, 8, 8, 8), torch.randn(1, 1, SVD_TINY.context_dim)
+    ids, video = torch.tensor([[6.0, 127.0, 0.02]]), torch.rand(1, frames, 3, 64, 64)
+    g1_svd_tiny = replace(BRANCH_TINY, stem_padding=(1, 0, 0), stem_maxpool=True, res_channels=(16, 32, 32),
+                          res_groups=(4, 8, 8), out_channels=SVD_TINY.channels[-1], learnable_scale=True)
+    assert g1_svd_tiny.stride == 32
+    with torch.no_grad():
+        ref = unet(x, 1.0, context, ids, num_frames=frames)
+        for preset, branch in ((cnx.SVD_V2, BRANCH_TINY), (cnx.SVD_V1, g1_svd_tiny)):
+            if preset is cnx.SVD_V2:  # zero-initialised: bitwise the base UNet (same kernels, same batch)
+                zero_conv = build_controlled_unet("zero_conv", unet, branch, preset)
+                assert torch.equal(zero_conv(x, 1.0, context, video, ids), ref)
+            model = build_controlled_unet("cross_norm", unet, branch, preset)
+            assert (model(x, 1.0, context, video, ids) - ref).abs().max() > 1e-4
+            # A per-video scale of 0 (the CFG uncond half in the SVD pipelines) is exactly the base UNet.
+            off = model(x, 1.0, context, video, ids, scale=torch.zeros(1, 1, 1, 1))
+            assert torch.equal(off, ref)
 
 
 # --- ControlNet baseline vs diffusers ---------------------------------------------------------------------------------
@@ -246,68 +355,6 @@ def test_controlnet_sd15_learnable_count():
         assert n_params(ControlNet(ControlNetConfig(SD15))) == 361_279_120
 
 
-# --- parameter selection, LoRA, weight increments ---------------------------------------------------------------------
-
-def test_selection_counts_full_configs():
-    with torch.device("meta"):
-        sd15, sdxl = UNet(SD15), UNet(SDXL)
-    assert count_selected(sd15, "to_out") == 24_805_760
-    assert count_selected(sdxl, "attn2_to_out") == 102_483_200
-    assert count_selected(sdxl, "to_out") == 204_966_400
-    assert count_selected(sd15, "none") == 0 and count_selected(sd15, "all") == 859_520_964
-    params = select_trainable(sd15, "to_out")
-    assert len(params) == 64 and sum(p.numel() for p in params.values()) == 24_805_760
-    assert sum(p.numel() for p in sd15.parameters() if p.requires_grad) == 24_805_760
-    with pytest.raises(ValueError):
-        select_trainable(sd15, "lora:x")
-
-
-def test_lora_is_a_noop_at_init_and_merges():
-    unet = UNet(TINY).eval()
-    x, t, context, _ = tiny_inputs()
-    with torch.no_grad():
-        ref = unet(x, t, context)
-        params = select_trainable(unet, "lora:2")
-        assert params and all(".to_out.0.lora_" in n for n in params)
-        assert torch.equal(unet(x, t, context), ref)
-        for n, p in params.items():
-            p.normal_(0, 0.05)
-        adapted = unet(x, t, context)
-        merged = merge_lora(unet)(x, t, context)
-    assert (adapted - ref).abs().max() > 1e-4
-    assert torch.allclose(adapted, merged, atol=1e-5)
-    assert set(unet.state_dict()) == set(UNet(TINY).state_dict())
-
-
-def test_weight_increments_roundtrip(tmp_path):
-    torch.manual_seed(0)
-    base = UNet(TINY)
-    trained = copy.deepcopy(base)
-    names = select_trainable(trained, "to_out")
-    with torch.no_grad():
-        for p in names.values():
-            p.add_(torch.randn_like(p) * 0.02)
-    trained_state = trained.state_dict()
-    delta = weight_increments({k: trained_state[k] for k in names}, base.state_dict())
-    save_state(delta, tmp_path / "unet_weight_increasements.safetensors")
-
-    restored = load_unet_weights(copy.deepcopy(base), tmp_path / "unet_weight_increasements.safetensors", increments=True)
-    err = max((restored.state_dict()[k] - v).abs().max().item() for k, v in trained_state.items())
-    assert err < 1e-6, err
-
-    other = UNet(TINY)  # a different base (another fine-tune of the same architecture)
-    before = {k: v.clone() for k, v in other.state_dict().items()}
-    # ... given the increments in the original (kohya / SGM) layout, as SDXL tools write them.
-    original = KeyMap(unet_original_rows(TINY)).inverse().apply(delta)[0]
-    assert all(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in original)
-    load_unet_weights(other, original, increments=True)
-    for k, v in other.state_dict().items():
-        assert torch.allclose(v, before[k] + delta[k], atol=1e-6) if k in delta else torch.equal(v, before[k])
-
-    absolute = load_unet_weights(copy.deepcopy(base), {k: trained_state[k] for k in names}, increments=False)
-    assert all(torch.equal(absolute.state_dict()[k], v) for k, v in trained_state.items())
-
-
 # --- Table 1 ----------------------------------------------------------------------------------------------------------
 
 def test_table1_within_half_a_million():
@@ -325,87 +372,3 @@ def test_table1_within_half_a_million():
             assert abs(learnable - paper[1]) < 0.5 or math.floor(learnable) == paper[1], (model, method, learnable, paper)
         checked += 1
     assert checked >= 6
-
-
-def test_svd_injection_presets_on_the_video_unet():
-    from dataclasses import replace
-
-    from controlnext.control_branch import ControlNeXtConfig
-    from unet.svd_unet import TINY as SVD_TINY, SVDUNet
-
-    unet = SVDUNet(SVD_TINY).eval()
-    frames = SVD_TINY.num_frames
-    x, context = torch.randn(1, frames, 8, 8, 8), torch.randn(1, 1, SVD_TINY.context_dim)
-    ids, video = torch.tensor([[6.0, 127.0, 0.02]]), torch.rand(1, frames, 3, 64, 64)
-    g1_svd_tiny = replace(BRANCH_TINY, stem_padding=(1, 0, 0), stem_maxpool=True, res_channels=(16, 32, 32),
-                          res_groups=(4, 8, 8), out_channels=SVD_TINY.channels[-1], learnable_scale=True)
-    assert isinstance(g1_svd_tiny, ControlNeXtConfig) and g1_svd_tiny.stride == 32
-    with torch.no_grad():
-        ref = unet(x, 1.0, context, ids, num_frames=frames)
-        for preset, branch in ((inj.SVD_V2, BRANCH_TINY), (inj.SVD_V1, g1_svd_tiny)):
-            if preset is inj.SVD_V2:  # one zero_conv check is enough: the arm ignores the preset's gain
-                assert torch.equal(build_controlled_unet("zero_conv", unet, branch, preset)(x, 1.0, context, video, ids), ref)
-            model = build_controlled_unet("cross_norm", unet, branch, preset)
-            assert (model(x, 1.0, context, video, ids) - ref).abs().max() > 1e-4
-            # A per-video scale of 0 (the CFG uncond half in the SVD pipelines) is exactly the base UNet.
-            off = model(x, 1.0, context, video, ids, scale=torch.zeros(1, 1, 1, 1))
-            assert torch.equal(off, ref)
-
-
-# --- sampling reuse: the prepared stem and the CFG-shared control (issue 6) ------------------------------------------
-
-@pytest.mark.parametrize("ablation", ["cross_norm", "zero_conv"])  # the other arms differ only in inject.py
-def test_prepared_and_cfg_shared_control_equal_the_plain_forward(ablation):
-    torch.manual_seed(0)
-    model = build_controlled_unet(ablation, UNet(TINY), BRANCH_TINY, inj.SD15_TRAIN).eval()
-    if model.zero_conv is not None:
-        nn.init.normal_(model.zero_conv.weight)  # otherwise the control term is exactly 0 and the test is vacuous
-    x, t, context, image = tiny_inputs()
-    x2, t2 = torch.cat([x, x]), torch.cat([t, t])  # CFG: (uncond, cond) halves
-    k = torch.tensor([0.0, 0.0, 0.7, 0.7]).view(4, 1, 1, 1)  # per-sample scale, uncond half uncontrolled
-    context2 = torch.cat([torch.zeros_like(context), context])
-    with torch.no_grad():
-        official = model(x2, t2, context2, torch.cat([image, image]), scale=k)  # image duplicated: branch at batch 4
-        prepared = model.prepare_control(image)
-        for control in (image, prepared):  # branch once at batch 2, features tiled; stem from `prepare` or not
-            # branch at batch 2 vs 4: other kernels round differently on some CPUs (5e-7 on an AMD EPYC, issue 15)
-            torch.testing.assert_close(model(x2, t2, context2, control, scale=k), official, atol=1e-5, rtol=0)
-        assert torch.equal(model(x, t, context, prepared, scale=0.7), model(x, t, context, image, scale=0.7))
-        assert torch.equal(model.branch(prepared, t), model.branch(image, t))
-        with pytest.raises(AssertionError, match="same t"):
-            model(x2, torch.cat([t, t + 1]), context2, image)
-        # The ControlNet arm takes the same calling convention (it repeats the image: its halves cannot share).
-        controlnet = build_controlled_unet("controlnet", model.unet, BRANCH_TINY).eval()
-        assert torch.equal(controlnet(x2, t2, context2, controlnet.prepare_control(image)),
-                           controlnet(x2, t2, context2, torch.cat([image, image])))
-
-
-def test_prepared_control_in_a_sampling_run_and_on_video():
-    from controlnext.pipeline import DENOISERS, cfg_denoiser, generate
-    from schedulers.guidance import cfg_combine
-    from schedulers.sigmas import ScheduleConfig, make_alphas_cumprod
-    from unet.svd_unet import TINY as SVD_TINY, SVDUNet
-
-    torch.manual_seed(0)
-    model = build_controlled_unet("cross_norm", UNet(TINY), BRANCH_TINY, inj.SD15_TRAIN).eval()
-    _, _, context, image = tiny_inputs()
-    uncond, schedule = torch.zeros_like(context), ScheduleConfig()
-    reference = generate(cfg_denoiser(model, schedule, context, uncond, 3.0, image), (2, 4, 8, 8), schedule, "euler",
-                         4, torch.Generator().manual_seed(1))
-    prepared = model.prepare_control(image)  # once per run; the control image passed once for both CFG halves
-
-    def net_out(x, t):
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, context]), prepared)
-        return cfg_combine(*out.chunk(2), 3.0)
-
-    denoiser = DENOISERS[schedule.prediction_type](net_out, make_alphas_cumprod(schedule))
-    cached = generate(denoiser, (2, 4, 8, 8), schedule, "euler", 4, torch.Generator().manual_seed(1))
-    assert torch.equal(cached, reference)
-
-    video_model = build_controlled_unet("cross_norm", SVDUNet(SVD_TINY), BRANCH_TINY, inj.SVD_V2).eval()
-    frames = SVD_TINY.num_frames
-    x, ctx = torch.randn(1, frames, 8, 8, 8), torch.randn(1, 1, SVD_TINY.context_dim)
-    ids, video = torch.tensor([[6.0, 127.0, 0.02]]), torch.rand(1, frames, 3, 64, 64)
-    with torch.no_grad():
-        plain = video_model(x, 1.0, ctx, video, ids)
-        assert torch.equal(video_model(x, 1.0, ctx, video_model.prepare_control(video), ids), plain)

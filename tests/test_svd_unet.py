@@ -5,6 +5,7 @@ diffusers is the numerical oracle only (requirements-dev.txt); these tests run, 
 """
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -125,11 +126,30 @@ def test_documents_the_difference_to_stock_diffusers(models):
 
 
 @torch.no_grad()
+def test_diffusers_eps_layout_equals_stock_diffusers(models):
+    # eps_layout="diffusers" (the layout the official ControlNeXt-SVD releases were trained on): every GroupNorm has
+    # the eps of the same-named module in UNetSpatioTemporalConditionModel, and the outputs agree without patching it.
+    ours, stock, _ = models
+    loose = SVDUNet(dataclasses.replace(TINY, eps_layout="diffusers")).eval()
+    loose.load_state_dict(ours.state_dict())
+    eps = {name: m.eps for name, m in loose.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert eps == {name: m.eps for name, m in stock.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert sorted(set(eps.values())) == [1e-6, 1e-5]  # both values occur: the layout is not one eps everywhere
+    x, t, context, ids = inputs()
+    out = loose(x, t, context, ids, num_frames=3)
+    assert (out - stock(x, t, context, ids).sample).abs().max().item() <= 1e-5  # fp32 noise at output scale ~2
+    assert (out - ours(x, t, context, ids, num_frames=3)).abs().max().item() > 5e-5  # and it is not the SGM layout
+    with pytest.raises(ValueError, match="eps_layout must be one of"):
+        dataclasses.replace(TINY, eps_layout="1e-6")
+
+
+@torch.no_grad()
 def test_mixed_image_only_indicator_as_the_original(models):
     ours, _, patched = models
     x, t, context, ids = inputs()
     zeros = torch.zeros(2, 3)
-    # The oracle loop is diffusers' forward: with zeros it reproduces the model's own output exactly.
+    # The oracle loop is diffusers' forward: with zeros it reproduces the model's own output exactly (bitwise: the
+    # same modules called in the same order at the same batch, i.e. the same kernels).
     assert torch.equal(diffusers_forward(patched, x, t, context, ids, zeros), patched(x, t, context, ids).sample)
     mixed = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     out = ours(x, t, context, ids, num_frames=3, image_only_indicator=mixed)
@@ -177,7 +197,7 @@ def test_control_hook_and_residuals(models):
     base = ours(x, t, context, ids, num_frames=3)
     seen = []
     out = ours(x, t, context, ids, num_frames=3, control=lambda site, h: seen.append((site, tuple(h.shape))) or h)
-    assert torch.equal(out, base)  # an identity hook is a no-op
+    assert torch.equal(out, base)  # an identity hook is a no-op (bitwise: the same kernels at the same batch)
     assert seen == [("conv_in", (6, 32, 16, 16)), ("down_0", (6, 32, 8, 8)), ("down_1", (6, 32, 4, 4)),
                     ("down_2", (6, 64, 2, 2)), ("down_3", (6, 64, 2, 2)), ("mid_in", (6, 64, 2, 2)),
                     ("mid_out", (6, 64, 2, 2))]  # frames folded into the batch: (B*F, C, H, W)

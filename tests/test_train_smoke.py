@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from controlnext.ablations import ABLATIONS
+from controlnext.controlnext import ABLATIONS
 from controlnext.checkpoint import read_state, save_state
 from controlnext.data import VOCAB
 from controlnext.training import load_checkpoint
@@ -116,6 +116,8 @@ def test_bad_inputs_fail_clearly(base, tmp_path):
         train.main(smoke(base, tmp_path, dataset=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="unknown ablation"):
         train.main(smoke(base, tmp_path, ablation="nope"))
+    with pytest.raises(ValueError, match="unknown schedule 'sd16'"):
+        train.main(smoke(base, tmp_path, schedule="sd16"))
     with pytest.raises(ValueError, match="needs base_weights"):
         train.main(smoke("", tmp_path))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unet.blocks import timestep_embedding
-from unet.sd_unet import PRESETS, SD15, SD21, SDXL, TINY, UNet, sdxl_vector
+from unet.sd_unet import PRESETS, SD15, SD21, SDXL, TINY, UNet, control_sites, sdxl_vector
 
 TINY_XL = dataclasses.replace(TINY, channels=(32, 64, 64), attention=(False, True, True), transformer_depth=(1, 2, 3),
                               heads=(2, 4, 4), linear_proj=True, adm_channels=32 + 6 * 256)
@@ -43,10 +43,11 @@ def test_control_hook_sites_and_zero_residual_is_a_noop():
     with torch.no_grad():
         plain = model(x, t, context)
         hooked = model(x, t, context, control=hook)
-    assert torch.equal(plain, hooked)
+    assert torch.equal(plain, hooked)  # bitwise: the same kernels at the same batch, plus exact zeros
     assert seen == [("conv_in", (2, 32, 16, 16)), ("down_0", (2, 32, 8, 8)), ("down_1", (2, 32, 4, 4)),
                     ("down_2", (2, 64, 2, 2)), ("down_3", (2, 64, 2, 2)), ("mid_in", (2, 64, 2, 2)),
                     ("mid_out", (2, 64, 2, 2))]
+    assert control_sites(TINY) == {site: shape[1] for site, shape in seen}  # what ControlNeXtUNet validates against
 
 
 def test_control_hook_changes_only_what_follows_the_site():

@@ -5,7 +5,8 @@ Reference: CompVis/stable-diffusion@21f890f9:ldm/modules/diffusionmodules/openai
 Stability-AI/generative-models@0ad7de9:sgm/modules/diffusionmodules/openaimodel.py; module names are those of
 huggingface/diffusers@v0.42.1 UNet2DConditionModel so diffusers weights load by identity (unet/keymap.py maps the
 original single-file names). ControlNeXt (Peng et al. 2024, §3.2) injects through the `control` hook; the
-ControlNet baseline (Zhang et al. 2023) adds one residual per skip and one after the mid block.
+ControlNet baseline (Zhang et al. 2023) adds one residual per skip and one after the mid block. `UNetBody` is the
+skeleton (embeddings, conv_in, the skip/hook/residual loop, conv_out) that unet/svd_unet.py reuses with video blocks.
 Left out: class-label embeddings other than SDXL's vector `y`, inpainting inputs, attention masks.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -112,46 +114,65 @@ class UpBlock(nn.Module):
         return h
 
 
-def encoder_decoder_plan(cfg: UNetConfig) -> tuple[list[int], list[tuple[int, int, list[int]]]]:
-    """Input width of each down block, and (level, input width, skip widths) of each up block in decoder order.
+class Plan(NamedTuple):
+    """The encoder-decoder wiring of a config: what each block takes in and which skips it pops."""
+    down: list[int]                        # input width of each down block
+    skips: list[int]                       # width of every skip in push order: conv_in, each ResBlock, each downsample
+    up: list[tuple[int, int, list[int]]]   # per up block, decoder order: (level, input width, widths of its skips)
 
-    The encoder pushes a skip after conv_in, each ResBlock and each downsample; each decoder level pops
-    layers_per_block + 1 of them, last pushed first. SVDUNetConfig has the same fields: unet/svd_unet.py uses it too.
-    """
+
+def encoder_decoder_plan(cfg: UNetConfig) -> Plan:
+    """The encoder pushes a skip after conv_in, each ResBlock and each downsample; each decoder level pops
+    layers_per_block + 1 of them, last pushed first. SVDUNetConfig has the same fields: unet/svd_unet.py uses it too."""
     n_levels = len(cfg.channels)
-    skip_widths, width, down_widths = [cfg.channels[0]], cfg.channels[0], []
+    skips, width, down = [cfg.channels[0]], cfg.channels[0], []
     for level in range(n_levels):
-        down_widths.append(width)
+        down.append(width)
         width = cfg.channels[level]
-        skip_widths += [width] * (cfg.layers_per_block + (level < n_levels - 1))
-    up_plan = []
+        skips += [width] * (cfg.layers_per_block + (level < n_levels - 1))
+    unpopped, up = list(skips), []
     for level in reversed(range(n_levels)):
-        up_plan.append((level, width, [skip_widths.pop() for _ in range(cfg.layers_per_block + 1)]))
+        up.append((level, width, [unpopped.pop() for _ in range(cfg.layers_per_block + 1)]))
         width = cfg.channels[level]
-    assert not skip_widths, f"unconsumed skips {skip_widths}"
-    return down_widths, up_plan
+    assert not unpopped, f"unconsumed skips {unpopped}"
+    return Plan(down, skips, up)
 
 
-class UNet(nn.Module):
-    """eps/v-prediction UNet: (B, C_in, H, W), t (B,), context (B, M, D)[, y (B, adm)] -> (B, C_out, H, W)."""
+def control_sites(cfg: UNetConfig) -> dict[str, int]:
+    """The hook sites of a UNet of this config (SD or SVD) and the width of h at each, in call order."""
+    return {"conv_in": cfg.channels[0], **{f"down_{k}": c for k, c in enumerate(cfg.channels)},
+            "mid_in": cfg.channels[-1], "mid_out": cfg.channels[-1]}
 
-    def __init__(self, config: UNetConfig):
+
+class UNetBody(nn.Module):
+    """The skeleton both UNets share: time (+ vector) embedding, conv_in, down blocks, mid block, up blocks over the
+    skips, GN-SiLU-conv_out; the control hook and ControlNet residuals on the way. The SD UNet (below) and the SVD UNet
+    (unet/svd_unet.py) bring their own blocks, their own vector condition and (SVD) the frame folding."""
+
+    def __init__(self, cfg: UNetConfig, add_dim: int, down_block: type[nn.Module], mid_block: type[nn.Module],
+                 up_block: type[nn.Module]):
         super().__init__()
-        cfg = self.config = config
+        self.config = cfg  # a UNetConfig, or an SVDUNetConfig (the same fields)
         assert len(cfg.attention) == len(cfg.transformer_depth) == len(cfg.heads) == len(cfg.channels), \
             f"per-level tuples: {cfg}"
         self.gradient_checkpointing = False  # recompute each block's activations in backward (one switch, STYLE §2)
         self.time_embedding = TimestepMLP(cfg.channels[0], cfg.emb_dim)
-        self.add_embedding = TimestepMLP(cfg.adm_channels, cfg.emb_dim) if cfg.adm_channels else None
+        self.add_embedding = TimestepMLP(add_dim, cfg.emb_dim) if add_dim else None  # SDXL `y`, SVD added ids
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)
-        down_widths, up_plan = encoder_decoder_plan(cfg)
-        self.down_blocks = nn.ModuleList(DownBlock(cfg, level, width) for level, width in enumerate(down_widths))
-        self.mid_block = MidBlock(cfg)
-        self.up_blocks = nn.ModuleList(UpBlock(cfg, level, width, skips) for level, width, skips in up_plan)
+        plan = encoder_decoder_plan(cfg)
+        self.down_blocks = nn.ModuleList(down_block(cfg, level, width) for level, width in enumerate(plan.down))
+        self.mid_block = mid_block(cfg)
+        self.up_blocks = nn.ModuleList(up_block(cfg, level, width, skips) for level, width, skips in plan.up)
 
         self.conv_norm_out = nn.GroupNorm(cfg.groups, cfg.channels[0], eps=1e-5)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(cfg.channels[0], cfg.out_channels, 3, padding=1)
+
+    def time_emb(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """t (B,) or a scalar, for x (B, ...) -> time embedding (B, 4*C0): the sinusoid in fp32, the MLP in x's dtype."""
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
+        return self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))
 
     def _run(self, block: nn.Module, *args):
         # Gradient checkpointing is applied here, once, for every block of the loop.
@@ -159,23 +180,15 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, y: Tensor | None = None, *,
-                control: ControlHook | None = None, down_residuals: Sequence[Tensor] | None = None,
-                mid_residual: Tensor | None = None) -> Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
-        emb = self.time_embedding(timestep_embedding(t, self.config.channels[0]).to(x.dtype))  # (B, 4*C0)
-        if self.add_embedding is not None:
-            if y is None:
-                raise ValueError(f"this UNet needs the vector condition y of width {self.config.adm_channels}")
-            emb = emb + self.add_embedding(y.to(x.dtype))  # SDXL: pooled text + size/crop embeddings
+    def body(self, x: Tensor, emb: Tensor, context: Tensor, extra: tuple, control: ControlHook | None,
+             down_residuals: Sequence[Tensor] | None, mid_residual: Tensor | None) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W); `extra` goes to every block after (h, emb, context[, skips, size])."""
         hook = control or (lambda site, h: h)
-
-        h = self.conv_in(x)  # (B, C0, H, W)
+        h = self.conv_in(x)  # (N, C0, H, W)
         skips = [h]
         h = hook("conv_in", h)
         for k, block in enumerate(self.down_blocks):
-            h, block_skips = self._run(block, h, emb, context)  # (B, C_k, H/2^(k+1), W/2^(k+1)) but the last level
+            h, block_skips = self._run(block, h, emb, context, *extra)  # (N, C_k, H/2^(k+1), W/2^(k+1)) but the last
             skips += block_skips
             h = hook(f"down_{k}", h)
         if down_residuals is not None:  # ControlNet: one residual per skip, in push order
@@ -184,7 +197,7 @@ class UNet(nn.Module):
             skips = [s + r for s, r in zip(skips, down_residuals)]
 
         h = hook("mid_in", h)
-        h = self._run(self.mid_block, h, emb, context)  # (B, C_last, H/2^(L-1), W/2^(L-1))
+        h = self._run(self.mid_block, h, emb, context, *extra)  # (N, C_last, H/2^(L-1), W/2^(L-1))
         if mid_residual is not None:
             h = h + mid_residual
         h = hook("mid_out", h)
@@ -192,8 +205,26 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             block_skips = [skips.pop() for _ in block.resnets]  # last pushed, first used
             size = tuple(skips[-1].shape[-2:]) if skips else None  # the upsample lands on the next skip's size
-            h = self._run(block, h, emb, context, block_skips, size)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, C_out, H, W)
+            h = self._run(block, h, emb, context, block_skips, size, *extra)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (N, C_out, H, W)
+
+
+class UNet(UNetBody):
+    """eps/v-prediction UNet: (B, C_in, H, W), t (B,), context (B, M, D)[, y (B, adm)] -> (B, C_out, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config, config.adm_channels, DownBlock, MidBlock, UpBlock)
+
+    def forward(self, x: Tensor, t: Tensor | float, context: Tensor, y: Tensor | None = None, *,
+                control: ControlHook | None = None, down_residuals: Sequence[Tensor] | None = None,
+                mid_residual: Tensor | None = None) -> Tensor:
+        """`control(site, h)` may change h at each site of `control_sites`; ControlNet residuals enter the skips."""
+        emb = self.time_emb(t, x)  # (B, 4*C0)
+        if self.add_embedding is not None:
+            if y is None:
+                raise ValueError(f"this UNet needs the vector condition y of width {self.config.adm_channels}")
+            emb = emb + self.add_embedding(y.to(x.dtype))  # SDXL: pooled text + size/crop embeddings
+        return self.body(x, emb, context, (), control, down_residuals, mid_residual)
 
 
 def sdxl_vector(pooled: Tensor, original_size: Tensor, crop_top_left: Tensor, target_size: Tensor, *,

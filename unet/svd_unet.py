@@ -5,9 +5,11 @@ Latents" §3.1: temporal layers interleaved with the frozen image layers and mix
 Reference: Stability-AI/generative-models@0ad7de9:sgm/modules/diffusionmodules/video_model.py (VideoUNet,
 VideoResBlock) and sgm/modules/video_attention.py (SpatialVideoTransformer, VideoTransformerBlock). Module names
 equal huggingface/diffusers@v0.42.1 UNetSpatioTemporalConditionModel, so diffusers weights load by identity;
-unet/keymap.py maps the original single file. Numerics follow the ORIGINAL: every ResBlock GroupNorm, spatial and
-temporal, uses eps 1e-5, where diffusers uses 1e-6 in down blocks 0-2 and all up blocks
-(../shared/reference/checkpoints.md §3.5, §12.1). The spatial blocks are imported from unet/blocks.py.
+unet/keymap.py maps the original single file. Numerics follow the ORIGINAL by default: every ResBlock GroupNorm,
+spatial and temporal, uses eps 1e-5, where diffusers uses 1e-6 in the cross-attention down blocks and all up blocks
+(../shared/reference/checkpoints.md §3.5, §12.1); `eps_layout="diffusers"` builds diffusers' layout, on which the
+official ControlNeXt-SVD releases were trained. The spatial blocks are imported from unet/blocks.py, the skeleton
+(embeddings, skip/hook/residual loop) is unet/sd_unet.py's UNetBody.
 Frames are folded into the batch, (B*F, C, H, W), between the layers; (B, F, C, H, W) at the model boundary.
 ControlNeXt-SVD (Peng et al. 2024 §3.2) injects through the `control` hook: v2 at "down_0", v1 at "mid_in".
 Left out: the image-only training mode's data path (the indicator is honoured, not produced), the "fixed" merge
@@ -23,11 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from unet.blocks import (Downsample, FeedForward, ResBlock, SpatialTransformer, TimestepMLP, TransformerBlock, Upsample,
                          timestep_embedding)
-from unet.sd_unet import ControlHook, encoder_decoder_plan
+from unet.sd_unet import ControlHook, UNetBody
 
 
 def chunked(fn: Callable[..., Tensor], chunks: int, *tensors: Tensor) -> Tensor:
@@ -140,6 +141,9 @@ class VideoTransformer(SpatialTransformer):
         return h + x
 
 
+EPS_LAYOUTS = ("sgm", "diffusers")  # SVDUNetConfig.eps_layout: the original's GroupNorm eps, or diffusers'
+
+
 @dataclass(frozen=True)
 class SVDUNetConfig:
     in_channels: int = 8                                     # noisy latent (4) + unscaled conditioning-frame latent (4)
@@ -153,16 +157,28 @@ class SVDUNetConfig:
     added_ids: int = 3                                       # micro-conditioning ids: fps_id, motion_bucket_id, cond_aug
     added_id_dim: int = 256                                  # sinusoid width per id (label_emb input = 3 * 256 = 768)
     groups: int = 32                                         # GroupNorm groups everywhere
-    resnet_eps: float = 1e-5                                 # ResBlock GN eps, spatial and temporal (SGM); diffusers
-                                                             # has 1e-6 in down blocks 0-2 and up blocks (ckpt.md §12.1)
+    eps_layout: str = "sgm"                                  # ResBlock GroupNorm eps (spatial and temporal): "sgm" =
+                                                             # 1e-5 everywhere (the original); "diffusers" = 1e-6 in the
+                                                             # cross-attention down blocks and every up block, as
+                                                             # UNetSpatioTemporalConditionModel builds them (ckpt.md
+                                                             # §12.1): official ControlNeXt-SVD releases trained so
     temporal_kernel: int = 3                                 # frames seen by the temporal convs (SGM video_kernel_size)
     merge_factor: float = 0.5                                # initial mix_factor of every AlphaBlender (SGM config)
     num_frames: int = 25                                     # frames the weights were trained for (svd 14, svd_xt 25):
                                                              # the samplers' default; forward takes num_frames itself
 
+    def __post_init__(self):
+        if self.eps_layout not in EPS_LAYOUTS:
+            raise ValueError(f"SVDUNetConfig.eps_layout must be one of {EPS_LAYOUTS}, got {self.eps_layout!r}")
+
     @property
     def emb_dim(self) -> int:
         return 4 * self.channels[0]  # time_embed_dim = 4 * model_channels
+
+    def block_eps(self, level: int, up: bool) -> float:
+        """GroupNorm eps of the VideoResBlocks of the down (or up) block at `level`; the mid block is 1e-5 in both."""
+        loose = self.eps_layout == "diffusers" and (up or self.attention[level])
+        return 1e-6 if loose else 1e-5
 
 
 class DownBlock(nn.Module):
@@ -172,8 +188,8 @@ class DownBlock(nn.Module):
         super().__init__()
         out, n = cfg.channels[level], cfg.layers_per_block
         self.resnets = nn.ModuleList(VideoResBlock(in_channels if j == 0 else out, out, cfg.emb_dim, cfg.groups,
-                                                   cfg.resnet_eps, cfg.temporal_kernel, cfg.merge_factor)
-                                     for j in range(n))
+                                                   cfg.block_eps(level, up=False), cfg.temporal_kernel,
+                                                   cfg.merge_factor) for j in range(n))
         self.attentions = nn.ModuleList(
             VideoTransformer(out, cfg.heads[level], cfg.context_dim, cfg.transformer_depth[level], cfg.groups,
                              cfg.merge_factor) for _ in range(n)) if cfg.attention[level] else None
@@ -199,8 +215,8 @@ class MidBlock(nn.Module):
     def __init__(self, cfg: SVDUNetConfig):
         super().__init__()
         c = cfg.channels[-1]
-        self.resnets = nn.ModuleList(VideoResBlock(c, c, cfg.emb_dim, cfg.groups, cfg.resnet_eps, cfg.temporal_kernel,
-                                                   cfg.merge_factor) for _ in range(2))
+        self.resnets = nn.ModuleList(VideoResBlock(c, c, cfg.emb_dim, cfg.groups, 1e-5, cfg.temporal_kernel,
+                                                   cfg.merge_factor) for _ in range(2))  # 1e-5 in both layouts
         self.attentions = nn.ModuleList([VideoTransformer(c, cfg.heads[-1], cfg.context_dim, cfg.transformer_depth[-1],
                                                           cfg.groups, cfg.merge_factor)])
 
@@ -218,7 +234,7 @@ class UpBlock(nn.Module):
         super().__init__()
         out = cfg.channels[level]
         widths = [in_channels] + [out] * (len(skip_channels) - 1)
-        self.resnets = nn.ModuleList(VideoResBlock(w + s, out, cfg.emb_dim, cfg.groups, cfg.resnet_eps,
+        self.resnets = nn.ModuleList(VideoResBlock(w + s, out, cfg.emb_dim, cfg.groups, cfg.block_eps(level, up=True),
                                                    cfg.temporal_kernel, cfg.merge_factor)
                                      for w, s in zip(widths, skip_channels))
         self.attentions = nn.ModuleList(
@@ -226,8 +242,8 @@ class UpBlock(nn.Module):
                              cfg.merge_factor) for _ in skip_channels) if cfg.attention[level] else None
         self.upsamplers = nn.ModuleList([Upsample(out)]) if level > 0 else None
 
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor, num_frames: int, image_only: Tensor, chunks: int,
-                skips: list[Tensor], size: tuple[int, int] | None) -> Tensor:
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor, skips: list[Tensor], size: tuple[int, int] | None,
+                num_frames: int, image_only: Tensor, chunks: int) -> Tensor:
         # `skips` are this block's skips, last pushed first.
         for j, (resnet, skip) in enumerate(zip(self.resnets, skips)):
             h = resnet(torch.cat([h, skip], dim=1), emb, num_frames, image_only, chunks)  # (B*F, C_out, H, W)
@@ -238,33 +254,12 @@ class UpBlock(nn.Module):
         return h
 
 
-class SVDUNet(nn.Module):
+class SVDUNet(UNetBody):
     """v-prediction video UNet: (B, F, C_in, H, W), t (B,), image embedding (B, M, D), added ids (B, 3)
-    -> (B, F, C_out, H, W)."""
+    -> (B, F, C_out, H, W). The SD UNet's skeleton (unet/sd_unet.py UNetBody) with the video blocks above."""
 
     def __init__(self, config: SVDUNetConfig):
-        super().__init__()
-        cfg = self.config = config
-        assert len(cfg.attention) == len(cfg.transformer_depth) == len(cfg.heads) == len(cfg.channels), \
-            f"per-level tuples: {cfg}"
-        self.gradient_checkpointing = False  # recompute each block's activations in backward (one switch, STYLE §2)
-        self.time_embedding = TimestepMLP(cfg.channels[0], cfg.emb_dim)
-        self.add_embedding = TimestepMLP(cfg.added_ids * cfg.added_id_dim, cfg.emb_dim)  # orig `label_emb`
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.channels[0], 3, padding=1)
-        down_widths, up_plan = encoder_decoder_plan(cfg)  # the SD UNet's skeleton, unchanged
-        self.down_blocks = nn.ModuleList(DownBlock(cfg, level, width) for level, width in enumerate(down_widths))
-        self.mid_block = MidBlock(cfg)
-        self.up_blocks = nn.ModuleList(UpBlock(cfg, level, width, skips) for level, width, skips in up_plan)
-
-        self.conv_norm_out = nn.GroupNorm(cfg.groups, cfg.channels[0], eps=1e-5)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(cfg.channels[0], cfg.out_channels, 3, padding=1)
-
-    def _run(self, block: nn.Module, *args):
-        # Gradient checkpointing is applied here, once, for every block of the loop.
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        super().__init__(config, config.added_ids * config.added_id_dim, DownBlock, MidBlock, UpBlock)  # orig label_emb
 
     def _check_inputs(self, x: Tensor, context: Tensor, added_time_ids: Tensor, num_frames: int,
                       image_only_indicator: Tensor | None, frame_chunk: int | None) -> None:
@@ -298,41 +293,15 @@ class SVDUNet(nn.Module):
         time go through the per-frame layers (and as many slices through the temporal attention): exact, less memory."""
         self._check_inputs(x, context, added_time_ids, num_frames, image_only_indicator, frame_chunk)
         B, cfg = x.shape[0], self.config
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t  # (B,)
-        emb = self.time_embedding(timestep_embedding(t, cfg.channels[0]).to(x.dtype))  # (B, 4*C0)
+        emb = self.time_emb(t, x)  # (B, 4*C0)
         ids = timestep_embedding(added_time_ids.flatten(), cfg.added_id_dim).unflatten(0, (B, -1)).flatten(1)  # (B, 768)
         emb = emb + self.add_embedding(ids.to(x.dtype))
         emb = emb.repeat_interleave(num_frames, dim=0)  # (B*F, 4*C0): one embedding per frame
         context = context.repeat_interleave(num_frames, dim=0)  # (B*F, M, D)
         image_only = torch.zeros(x.shape[:2], device=x.device) if image_only_indicator is None else image_only_indicator
         chunks = 1 if frame_chunk is None else math.ceil(B * num_frames / frame_chunk)
-        hook = control or (lambda site, h: h)
-        video = (num_frames, image_only, chunks)
-
-        h = self.conv_in(x.flatten(0, 1))  # (B*F, C0, H, W)
-        skips = [h]
-        h = hook("conv_in", h)
-        for k, block in enumerate(self.down_blocks):
-            h, block_skips = self._run(block, h, emb, context, *video)  # (B*F, C_k, H/2^(k+1), W/2^(k+1)) but the last
-            skips += block_skips
-            h = hook(f"down_{k}", h)
-        if down_residuals is not None:  # ControlNet: one residual per skip, in push order
-            if len(down_residuals) != len(skips):
-                raise ValueError(f"expected {len(skips)} down residuals, got {len(down_residuals)}")
-            skips = [s + r for s, r in zip(skips, down_residuals)]
-
-        h = hook("mid_in", h)
-        h = self._run(self.mid_block, h, emb, context, *video)  # (B*F, C_last, H/2^(L-1), W/2^(L-1))
-        if mid_residual is not None:
-            h = h + mid_residual
-        h = hook("mid_out", h)
-
-        for block in self.up_blocks:
-            block_skips = [skips.pop() for _ in block.resnets]  # last pushed, first used
-            size = tuple(skips[-1].shape[-2:]) if skips else None  # the upsample lands on the next skip's size
-            h = self._run(block, h, emb, context, *video, block_skips, size)
-        h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B*F, C_out, H, W)
+        h = self.body(x.flatten(0, 1), emb, context, (num_frames, image_only, chunks), control, down_residuals,
+                      mid_residual)  # (B*F, C_out, H, W)
         return h.unflatten(0, (B, num_frames))  # (B, F, C_out, H, W)
 
 
