@@ -241,16 +241,19 @@ def save_json(obj: object, path: str | Path) -> None:
     _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
-def write_folder(folder: str | Path, files: Mapping[str, Callable[[Path], None]]) -> None:
-    """A model folder as one unit: files[name](path) writes each file into a sibling staging folder, which then
-    replaces `folder` (the old one is renamed aside first and restored if the swap fails)."""
-    folder = Path(folder)
-    if folder.exists():
+def write_folder(folder: str | Path, files: Mapping[str, Callable[[Path], None]], pipeline: bool = False) -> None:
+    """A model folder as one unit: files[name](path) writes each file (or, for a pipeline, each component folder)
+    into a sibling staging folder, which then replaces `folder` (the old one is renamed aside first and restored if the
+    swap fails). An existing folder is replaced only if it is a model folder (pipeline: holds model_index.json)."""
+    folder, strangers = Path(folder), []
+    if folder.exists() and pipeline:
+        strangers = [] if (folder / "model_index.json").is_file() else ["no model_index.json"]
+    elif folder.exists():
         strangers = sorted(p.name for p in folder.iterdir() if not (p.is_file() and MODEL_FOLDER_FILE.fullmatch(p.name))
                            ) if folder.is_dir() else [f"{folder.name} is a file"]
-        if strangers:
-            raise ValueError(f"{folder}: exists and is not a model folder that may be replaced (it holds "
-                             f"{', '.join(strangers[:5])}); write to a new or empty folder")
+    if strangers:
+        raise ValueError(f"{folder}: exists and is not a model folder that may be replaced (it holds "
+                         f"{', '.join(strangers[:5])}); write to a new or empty folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     aside = staging.with_name(staging.name[:-len(".tmp")] + ".old")

@@ -97,7 +97,8 @@ def load_control(path: str | Path, pipe: StableDiffusion) -> LoadedControl:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"control file not found: {path}")
-    return from_run(path, pipe) if "config" in read_metadata(path) else from_release(path, pipe)
+    ours = path.suffix == ".safetensors" and "config" in read_metadata(path)  # official .bin files carry no metadata
+    return from_run(path, pipe) if ours else from_release(path, pipe)
 
 
 def detect_increments(state: dict[str, Tensor], base: dict[str, Tensor]) -> bool:

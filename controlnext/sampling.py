@@ -15,6 +15,7 @@ Left out: the SD VAE decode path and CLIP prompt encoding (issue for the SD1.5/S
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -111,17 +112,36 @@ def cfg_denoiser(unet: nn.Module, schedule: ScheduleConfig, context: Tensor, unc
     return make_denoiser(schedule, net_out)
 
 
-@torch.no_grad()
-def generate(denoiser, shape: tuple[int, ...], schedule: ScheduleConfig, sampler: str, steps: int,
-             generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
-    """Sample latents of `shape` from pure noise with a named sampler; the noise comes from `generator` (CPU)."""
+def sigmas_for(schedule: ScheduleConfig, sampler: str, steps: int) -> Tensor:
+    """The n+1 noise levels a named sampler walks (float64, descending; DDIM stops at sigma(t=0))."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-    fn, multistep, stochastic = SAMPLERS[sampler]
-    sigmas = ddim_sigmas(schedule, steps) if sampler == "ddim" else sampling_sigmas(schedule, steps, multistep=multistep)
-    sigmas = sigmas.float().to(device)
-    x = torch.randn(shape, generator=generator).to(device) * (sigmas[0] ** 2 + 1) ** 0.5  # x enters at sigmas[0]
+    multistep = SAMPLERS[sampler][1]
+    return ddim_sigmas(schedule, steps) if sampler == "ddim" else sampling_sigmas(schedule, steps, multistep=multistep)
+
+
+def windowed(controlled, plain, sigmas: Tensor, start: float, end: float):
+    """D with the controls on only over the fraction [start, end] of the trajectory (step i of n sits at i/n, at
+    sigma_i): `controlled` where sigma_hi >= sigma >= sigma_lo, else the plain (uncontrolled) denoiser."""
+    n, levels = len(sigmas) - 1, sigmas.float()  # float32, the levels generate() hands the samplers
+    hi, lo = levels[math.ceil(start * n)].item(), levels[math.floor(end * n)].item()
+    return lambda x, sigma: (controlled if lo <= float(sigma) <= hi else plain)(x, sigma)
+
+
+@torch.no_grad()
+def generate(denoiser, shape: tuple[int, ...], schedule: ScheduleConfig, sampler: str, steps: int,
+             generator: torch.Generator, device: torch.device | str = "cpu", noise: Tensor | None = None) -> Tensor:
+    """Sample latents of `shape` from pure noise with a named sampler; the noise comes from `generator` (CPU), or is
+    `noise` (unit variance: the `latents` a diffusers pipeline takes, before its init_noise_sigma). Returns the DDPM
+    variable x / sqrt(sigma^2 + 1) at the last level, which is what the VAE decodes (x itself when that level is 0;
+    DDIM stops at sigma(t=0), as SD ships it, and diffusers decodes that x_t)."""
+    fn, _, stochastic = SAMPLERS[sampler] if sampler in SAMPLERS else (None, None, None)
+    sigmas = sigmas_for(schedule, sampler, steps).float().to(device)
+    noise = torch.randn(shape, generator=generator) if noise is None else noise
+    x = noise.to(device) * (sigmas[0] ** 2 + 1) ** 0.5  # x enters at sigmas[0]
     if stochastic:
-        noise = [torch.randn(shape, generator=generator).to(device) for _ in range(len(sigmas) - 1)]
-        return fn(denoiser, x, sigmas, noise=noise)
-    return fn(denoiser, x, sigmas)
+        step_noise = [torch.randn(shape, generator=generator).to(device) for _ in range(len(sigmas) - 1)]
+        x = fn(denoiser, x, sigmas, noise=step_noise)
+    else:
+        x = fn(denoiser, x, sigmas)
+    return x / (sigmas[-1].item() ** 2 + 1) ** 0.5

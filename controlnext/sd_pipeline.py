@@ -33,24 +33,25 @@ import torch
 from torch import Tensor, nn
 
 from controlnext import cli
-from controlnext.sampling import Control, cfg_denoiser, generate
-from controlnext.checkpoint import (ORIGINAL_UNET_PREFIX, ORIGINAL_VAE_PREFIX, KeyMap, load_clip, load_unet, load_vae,
-                                    read_metadata, read_state, save_state)
+from controlnext.checkpoint import read_metadata, read_state, save_json, save_state, write_folder
+from controlnext.loaders import (ORIGINAL_PREFIXES, load_clip, load_unet, load_vae, original_state,
+                                 save_diffusers_folder)
+from controlnext.sampling import Control, cfg_denoiser, generate, sigmas_for, windowed
 from encoders.clip import CLIP_L, OPENCLIP_BIGG_TEXT, OPENCLIP_H_TEXT, CLIPConfig, CLIPTextModel, build_clip
 from encoders.tokenizer import EOS, CLIPTokenizer
 from schedulers.sigmas import ScheduleConfig
-from unet.keymap import unet_original_rows
+from encoders.keymap import clip_config_to_hf
+from unet.keymap import unet_config_to_diffusers
 from unet.sd_unet import SD15, SD21, SDXL, UNet, UNetConfig, sdxl_vector
-from vae.keymap import SD_VAE_ROWS
 from vae.autoencoder import SD as SD_VAE, SDXL as SDXL_VAE, AutoencoderKL, VAEConfig
+from vae.keymap import vae_config_to_diffusers
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 METADATA_KEY = "controlnext.sd_config"  # where a single file written here keeps its SDConfig (JSON)
 # Each text tower's pad token (checkpoints.md §10): the UNet attends all 77 positions, so it changes the result.
 PADS = {"sd1": (EOS,), "sd2": ("!",), "sdxl": (EOS, "!")}
-# The original single-file prefix of each text tower, in tower order (§2.1).
-TEXT_PREFIXES = {"sd1": ("cond_stage_model.transformer.",), "sd2": ("cond_stage_model.model.",),
-                 "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")}
+# The original single-file component of each text tower, in tower order (§2.1; prefixes in loaders.ORIGINAL_PREFIXES).
+TEXT_COMPONENTS = {"sd1": ("sd15_text",), "sd2": ("sd2_text",), "sdxl": ("sdxl_text_l", "sdxl_text_g")}
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ class StableDiffusion(nn.Module):
             return None
         size = torch.tensor(target_size, dtype=torch.float32)
         original = size if original_size is None else torch.tensor(original_size, dtype=torch.float32)
-        return sdxl_vector(pooled, original, torch.tensor(crop_top_left, dtype=torch.float32), size)
+        return sdxl_vector(pooled, original, torch.tensor(crop_top_left, dtype=torch.float32), size,
+                           id_dim=self.config.unet.added_id_dim)
 
     # --- latents --------------------------------------------------------------------------------------------------
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -204,20 +206,44 @@ class StableDiffusion(nn.Module):
     # --- export -----------------------------------------------------------------------------------------------------
     def save(self, path: str | Path, layout: str = "original", dtype: torch.dtype | None = None) -> None:
         """"original": one .safetensors in the LDM/SGM single-file layout (what A1111 and ComfyUI load), the config in
-        its metadata, the tokenizer in a tokenizer/ folder beside it. `dtype`: store the tensors in it (e.g. fp16)."""
-        path = Path(path)
-        if layout != "original":
-            raise ValueError(f"unknown layout {layout!r} (expected 'original')")
-        if self.config.family != "sd1":
-            raise ValueError(f"original-layout export of {self.config.family} text towers is not available")
-        unet, _ = KeyMap(unet_original_rows(self.config.unet)).inverse().apply(self.unet.state_dict())
-        vae, _ = KeyMap(SD_VAE_ROWS).inverse().apply(self.vae.state_dict())
-        state = {**{ORIGINAL_UNET_PREFIX + k: v for k, v in unet.items()},
-                 **{ORIGINAL_VAE_PREFIX + k: v for k, v in vae.items()},
-                 **{TEXT_PREFIXES["sd1"][0] + k: v for k, v in self.text_encoders[0].state_dict().items()}}
-        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
-        save_state(state, path, metadata={METADATA_KEY: config_to_json(self.config)})
-        self.tokenizers[0].save(path.parent / "tokenizer")
+        its metadata, the tokenizer in a tokenizer/ folder beside it. "diffusers": a pipeline folder
+        (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/) that
+        diffusers.StableDiffusion(XL)Pipeline.from_pretrained loads, written as one unit. `dtype`: store tensors in it."""
+        path, family = Path(path), self.config.family
+        cast = lambda state: {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+                              for k, v in state.items()}
+        if layout == "original":
+            state = original_state(self.unet, "unet") | original_state(self.vae, "vae")
+            for tower, component in zip(self.text_encoders, TEXT_COMPONENTS[family]):
+                state |= original_state(tower, component)
+            save_state(cast(state), path, metadata={METADATA_KEY: config_to_json(self.config)})
+            self.tokenizers[0].save(path.parent / "tokenizer")
+            return
+        if layout != "diffusers":
+            raise ValueError(f"unknown layout {layout!r} (expected 'original' or 'diffusers')")
+        size = self.config.resolution // 8  # diffusers' sample_size is in latent pixels
+        unet_json = unet_config_to_diffusers(self.config.unet) | {"sample_size": size}
+        files = {"unet": lambda p: save_diffusers_folder(cast(self.unet.state_dict()), unet_json, p),
+                 "vae": lambda p: save_diffusers_folder(cast(self.vae.state_dict()), vae_config_to_diffusers(
+                     self.config.vae) | {"sample_size": self.config.resolution}, p),
+                 "scheduler/scheduler_config.json": lambda p: save_json(schedule_to_diffusers(self.config.schedule), p)}
+        index = {"_class_name": "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline",
+                 "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}
+        for i, (tower, tokenizer) in enumerate(zip(self.text_encoders, self.tokenizers)):
+            suffix = f"_{i + 1}" if i else ""
+            files[f"text_encoder{suffix}"] = lambda p, t=tower: save_diffusers_folder(
+                cast(t.state_dict()), clip_config_to_hf(t.config), p, "model.safetensors")
+            files[f"tokenizer{suffix}"] = tokenizer.save
+            index[f"text_encoder{suffix}"] = ["transformers", type(tower).__name__ if tower.config.projection_dim is None
+                                                 else "CLIPTextModelWithProjection"]
+            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+        if family == "sdxl":
+            index["force_zeros_for_empty_prompt"] = self.config.zero_empty_negative
+        else:
+            index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+        files["model_index.json"] = lambda p: save_json(index, p)
+        write_folder(path, files, pipeline=True)
 
 
 # --- loading -----------------------------------------------------------------------------------------------------------
@@ -261,9 +287,9 @@ def _single_file(path: Path, tokenizer: str | Path | None, dtype: torch.dtype | 
                              "bpe_simple_vocab_16e6.txt.gz, or put a tokenizer/ folder beside the file")
         tokenizer = path.parent / "tokenizer"
     unet = load_unet(state, config.unet, dtype=dtype or torch.float32)
-    vae = load_vae(state, config.vae)
-    towers = [load_clip(state, c, prefix=p, dtype=dtype or torch.float32)
-              for c, p in zip(config.text, TEXT_PREFIXES[config.family])]
+    vae = load_vae(state, config.vae, dtype=dtype or torch.float32)
+    towers = [load_clip(state, c, prefix=ORIGINAL_PREFIXES[component], dtype=dtype or torch.float32)
+              for c, component in zip(config.text, TEXT_COMPONENTS[config.family])]
     return StableDiffusion(config, unet, vae, towers, read_tokenizer(tokenizer, config.family))
 
 
@@ -274,7 +300,7 @@ def _diffusers_folder(folder: Path, dtype: torch.dtype | None) -> StableDiffusio
         raise ValueError(f"{folder}/model_index.json: {name!r} is not a Stable Diffusion (XL) pipeline")
     xl = name == "StableDiffusionXLPipeline"
     unet = load_unet(folder / "unet", dtype=dtype or torch.float32)
-    vae = load_vae(folder / "vae")
+    vae = load_vae(folder / "vae", dtype=dtype or torch.float32)
     names = ("text_encoder", "text_encoder_2") if xl else ("text_encoder",)
     towers = [load_clip(folder / n, dtype=dtype or torch.float32) for n in names]
     family = "sdxl" if xl else ("sd2" if towers[0].config.hidden_size == 1024 else "sd1")
@@ -327,9 +353,12 @@ def text_to_image(pipe: StableDiffusion, prompts: list[str], negative_prompts: l
     uncond, uncond_pooled = pipe.encode_prompt(negative_prompts, clip_skip, zero_empty=pipe.config.zero_empty_negative)
     y, uncond_y = pipe.vector(pooled, (height, width)), pipe.vector(uncond_pooled, (height, width))
     controls = [(model, image.to(device), scale) for model, image, scale in controls]
-    denoiser = cfg_denoiser(pipe.unet, pipe.config.schedule, context, uncond, guidance_scale, controls,
-                            y=None if y is None else y.to(device), uncond_y=None if y is None else uncond_y.to(device),
-                            window=control_window, sampler=sampler, steps=steps)
+    y, uncond_y = (None, None) if y is None else (y.to(device), uncond_y.to(device))
+    schedule = pipe.config.schedule
+    denoiser = cfg_denoiser(pipe.unet, schedule, context, uncond, guidance_scale, controls, y=y, uncond_y=uncond_y)
+    if controls and tuple(control_window) != (0.0, 1.0):
+        plain = cfg_denoiser(pipe.unet, schedule, context, uncond, guidance_scale, (), y=y, uncond_y=uncond_y)
+        denoiser = windowed(denoiser, plain, sigmas_for(schedule, sampler, steps), *control_window)
     shape = (len(prompts), pipe.config.unet.out_channels, height // 8, width // 8)
     latents = generate(denoiser, shape, pipe.config.schedule, sampler, steps, generator, device, noise=noise)
     return pipe.decode_latents(latents) if decode else latents

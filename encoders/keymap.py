@@ -93,23 +93,6 @@ SINGLE_FILE = {
     "conditioner.embedders.0.open_clip.model.": OPENCLIP_VISION,  # SVD: OpenCLIP ViT-H image tower + text leftovers
 }
 
-# T5 v1.1 encoder (encoders/t5.py, SD3's text_encoder_3; issue 19): an appended block of rows for t5_weights.py.
-# Our module names equal transformers' T5EncoderModel files, so a text_encoder_3/ folder loads by identity; these rows
-# cover the other names the released files use.
-# ======================================================================================================================
-
-# SD3's original single file keeps the T5 under this prefix (diffusers@0.42 `loaders/single_file_utils.py:
-# convert_sd3_t5_checkpoint_to_diffusers` strips exactly it); the loader keeps those keys only, without the prefix.
-T5_SINGLE_FILE_PREFIX = "text_encoders.t5xxl.transformer."
-T5_ROWS = [
-    # The stack's alias of the one, tied embedding (transformers' in-memory state dicts hold both names; a file may
-    # hold either or both). When both are present the loader checks that they are the same bits and drops this one.
-    ("encoder.embed_tokens.", "shared."),
-    # A whole T5ForConditionalGeneration (google/t5-v1_1-xxl as released): its decoder and LM head are not the encoder.
-    ("decoder.", None),
-    ("lm_head.", None),
-]
-=======
 # --- Export to the original single files: the rows whose inverse writes each prefix's naming (HF-named towers need
 # none). SD2's file has 24 resblocks and a projection; a 23-layer tower exports its 23, which is what SD2 runs
 # (penultimate layer), and LDM/SGM load single files non-strictly.
@@ -138,4 +121,21 @@ def clip_config_to_hf(cfg: CLIPConfig) -> dict:
     return d | {"vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
                 "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.eos_token_id - 1, "pad_token_id": 1}
 
-# ===============================================================================================================
+
+# ======================================================================================================================
+# T5 v1.1 encoder (encoders/t5.py, SD3's text_encoder_3; issue 19): an appended block of rows for t5_weights.py.
+# Our module names equal transformers' T5EncoderModel files, so a text_encoder_3/ folder loads by identity; these rows
+# cover the other names the released files use.
+# ======================================================================================================================
+
+# SD3's original single file keeps the T5 under this prefix (diffusers@0.42 `loaders/single_file_utils.py:
+# convert_sd3_t5_checkpoint_to_diffusers` strips exactly it); the loader keeps those keys only, without the prefix.
+T5_SINGLE_FILE_PREFIX = "text_encoders.t5xxl.transformer."
+T5_ROWS = [
+    # The stack's alias of the one, tied embedding (transformers' in-memory state dicts hold both names; a file may
+    # hold either or both). When both are present the loader checks that they are the same bits and drops this one.
+    ("encoder.embed_tokens.", "shared."),
+    # A whole T5ForConditionalGeneration (google/t5-v1_1-xxl as released): its decoder and LM head are not the encoder.
+    ("decoder.", None),
+    ("lm_head.", None),
+]

@@ -29,7 +29,7 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from controlnext.checkpoint import load_clip, load_unet
+from controlnext.loaders import load_clip, load_unet
 from controlnext.lora import (LoRAAdaptedConv2d, LoRAAdaptedLinear, apply_lora, load_lora, remove_lora,
                               set_lora_multiplier)
 from controlnext.selection import select_trainable

@@ -103,11 +103,15 @@ def test_absolute_and_increment_files_are_told_apart(tiny):
     assert detect_increments({k: trained[k] - base[k] for k in keys}, base)
 
 
-def test_control_window_zero_width_is_the_base(tiny, run_checkpoint, tmp_path):
-    plain = sample.main(config(tiny, tmp_path, fill_index=3))
-    off = sample.main(config(tiny, tmp_path, fill_index=3, control=(str(run_checkpoint),), control_start=1.0,
-                             control_end=1.0))
-    torch.testing.assert_close(off["images"], plain["images"], atol=1e-6, rtol=0)
+def test_control_window(tiny, run_checkpoint, tmp_path):
+    """A window that holds no step is the run's UNet without its control (scale 0); a half window differs from both."""
+    run = dict(fill_index=3, control=(str(run_checkpoint),))
+    unscaled = sample.main(config(tiny, tmp_path, control_scale=(0.0,), **run))  # the run's trained UNet tensors
+    off = sample.main(config(tiny, tmp_path, control_start=1.0, control_end=1.0, **run))
+    half = sample.main(config(tiny, tmp_path, control_start=0.0, control_end=0.5, **run))
+    full = sample.main(config(tiny, tmp_path, **run))
+    torch.testing.assert_close(off["images"], unscaled["images"], atol=1e-6, rtol=0)  # k = 0 adds an exact 0
+    assert (half["images"] - off["images"]).abs().max() > 1e-4 and (half["images"] - full["images"]).abs().max() > 1e-4
 
 
 def test_two_controls_at_once_and_canny(tiny, run_checkpoint, tmp_path):

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from controlnext.checkpoint import KeyMap, load_unet_weights, save_state, weight_increments
+from controlnext.checkpoint import KeyMap, save_state
+from controlnext.releases import load_unet_weights, weight_increments
 from controlnext.selection import count_selected, merge_lora, select_trainable
 from unet.keymap import unet_original_rows
 from unet.sd_unet import SD15, SDXL, TINY, UNet
