@@ -111,6 +111,7 @@ def load_t5(source: str | Path | Mapping[str, Tensor], config: T5Config | str | 
                              "(torch.bfloat16, torch.float16 or torch.float32)")
     with torch.device("meta"):
         model = T5Encoder(config)
-    model.cast(dtype)  # the target dtypes; load_into casts each tensor to its target's
-    load_into(model, renamed, {k: prefix + v for k, v in origin.items()}, what=f"T5 encoder ({where})")
-    return model.eval()
+    # fp16 keeps every `wo` in fp32 (T5Encoder.cast): load at fp32 first so those come straight from the file's values
+    load_into(model, renamed, {k: prefix + v for k, v in origin.items()}, what=f"T5 encoder ({where})",
+              dtype=torch.float32 if dtype == torch.float16 else dtype)
+    return model.cast(dtype).eval()

@@ -231,10 +231,11 @@ class T5Encoder(nn.Module):
     def cast(self, dtype: torch.dtype) -> T5Encoder:
         """self.to(dtype), except that in fp16 the FF output projections `wo` stay fp32 (transformers'
         `_keep_in_fp32_modules = ["wo"]`, applied for fp16 only; see the module docstring)."""
-        self.to(dtype)
-        if dtype == torch.float16:
-            for block in self.encoder.block:
-                block.layer[1].DenseReluDense.wo.float()
+        keep = {id(p) for block in self.encoder.block for p in block.layer[1].DenseReluDense.wo.parameters()
+                } if dtype == torch.float16 else set()
+        with torch.no_grad():
+            for p in self.parameters():  # in place, so a `wo` loaded in fp32 never passes through fp16
+                p.data = p.data.to(torch.float32 if id(p) in keep else dtype)
         return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -21,7 +21,7 @@ from controlnext import loaders
 from controlnext.checkpoint import read_file, read_metadata, read_state, read_torch, save_state, write_folder
 from controlnext.loaders import (load_clip, load_svd_unet, load_temporal_vae, load_unet, load_vae, original_state,
                                  save_clip, save_unet, save_vae)
-from controlnext.training import load_checkpoint
+from controlnext.runs import load_checkpoint
 from encoders.clip import TINY as TINY_CLIP, TINY_VISION, build_clip
 from unet.keymap import unet_config_from_diffusers, unet_config_to_diffusers
 from unet.sd_unet import TINY, UNet, sdxl_vector

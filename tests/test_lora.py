@@ -133,7 +133,7 @@ def unet_inputs(cfg):
         return (x, t, ctx), {}
     pooled = torch.randn(2, cfg.adm_channels - 6 * 256, generator=g)
     ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 1024, 1024]])
-    y = sdxl_vector(pooled, ids[:, 0:2], ids[:, 2:4], ids[:, 4:6])
+    y = sdxl_vector(pooled, ids[:, 0:2], ids[:, 2:4], ids[:, 4:6], id_dim=256)
     return (x, t, ctx, y), {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
 
 
