@@ -13,7 +13,8 @@ same loop and torch's DistributedDataParallel wraps it as is (only the tensors w
 Evaluation (rank 0): the fixed held-out fill50k set sampled through the whole pipeline and decoded by the VAE,
 scored with controlnext/metrics.py. `--cache_latents`: folder datasets are encoded once (VAE posterior moments and
 text embeddings, on disk in the run folder); the posterior is still sampled at every step, so the loss is unchanged.
-Left out: SVD and SD3 stages (their own issues), aspect-ratio buckets (images are centre-cropped to a square).
+An SVD --pretrained builds controlnext/video_stages.py's VideoStage (ControlNeXt-SVD-v2) instead of ControlStage.
+Left out: SD3 stages (their own issue), aspect-ratio buckets (images are centre-cropped to a square).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
+from controlnext.svd_pipeline import is_svd, load_svd
+from controlnext.video_stages import VideoStage
 from schedulers.sigmas import make_alphas_cumprod
 from schedulers.training import sd_training_noise
 
@@ -273,6 +276,8 @@ STAGE_CLASSES = {"control": ControlStage, "base": BaseStage, "vae": VAEStage}
 
 def build_stage(config: TrainConfig) -> nn.Module:
     """The stage's module with its pipeline: loaded (control), or built from the `model` preset (base, vae)."""
+    if config.stage == "control" and is_svd(config.pretrained):  # video (SVD): ControlNeXt-SVD-v2, video_stages.py
+        return VideoStage(config, load_svd(config.pretrained, eps_layout=config.eps_layout))
     if config.stage == "control":
         pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     else:
