@@ -61,7 +61,7 @@ class SampleConfig:
     guidance_scale: float = 0.0        # classifier-free guidance, 1 = off; 0 = 2.0 (SD) or 3.0 (SVD-v2, every frame)
     clip_skip: int = 0
     seed: int = 0                      # noise seed
-    batch: int = 4                     # images per prompt, each from its own noise
+    batch: int = 4                     # images per prompt, each from its own noise (video: one video per run)
     fill_index: int = 0                # held-out procedural example (seed fill_seed) when no condition image is given
     fill_seed: int = 1                 # the training runs' eval_seed: held out from the training stream (seed 0)
     out: str = "samples.png"           # output PNG grid

@@ -190,7 +190,7 @@ def video_denoiser(unet: SVDUNet, embedding: Tensor, latents: Tensor, added_ids:
     over each window's frames (CFG is skipped when both are 1).
     """
     B, dtype = embedding.shape[0], next(unet.parameters()).dtype
-    guided = guidance != (1.0, 1.0)
+    guided = tuple(guidance) != (1.0, 1.0)
     halves = (lambda t: torch.cat([torch.zeros_like(t), t])) if guided else (lambda t: t)  # uncond (zeros) first
     context, concat = halves(embedding.to(dtype)), halves(latents.to(dtype))[:, None]  # (2B, 1, D), (2B, 1, Z, h, w)
     ids = torch.cat([added_ids, added_ids]) if guided else added_ids  # the same micro-conditioning for both halves
@@ -248,6 +248,7 @@ def image_to_video(pipe: StableVideoDiffusion, reference: Tensor, *, num_frames:
     if H % f or W % f:
         raise ValueError(f"height and width must be multiples of {f} (the VAE stride), got {H}x{W}")
     window = min(window or num_frames, num_frames)
+    overlap = 0 if window == num_frames else overlap  # one window: nothing overlaps (the official min(fpb, F))
     if blend not in BLENDS:
         raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     for i, (_, video, _) in enumerate(controls):
@@ -272,14 +273,23 @@ def image_to_video(pipe: StableVideoDiffusion, reference: Tensor, *, num_frames:
 
 # --- sample.py's video mode ---------------------------------------------------------------------------------------------
 
+VIDEO_FILES = {"frames", "video.gif", "video.mp4", "pose_and_video.gif"}  # what write_video writes
+
+
+def check_output(folder: str | Path) -> None:
+    """The output folder may be new or an earlier output of write_video (which it replaces), nothing else."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or not {p.name for p in folder.iterdir()} <= VIDEO_FILES):
+        raise ValueError(f"--video_out={folder}: exists and is not an earlier video output (it may hold only "
+                         f"{', '.join(sorted(VIDEO_FILES))})")
+
+
 def write_video(folder: str | Path, frames: Tensor, poses: Tensor | None, fps: float) -> list[str]:
     """frames (F, 3, H, W) in [-1, 1] -> folder/frames/*.png, video.gif, video.mp4 (when imageio-ffmpeg is installed)
-    and, with poses (F, 3, H, W) in [0, 1], pose_and_video.gif side by side; the folder is written as one unit and
-    replaces an earlier output of this function only. Returns the names written."""
+    and, with poses (F, 3, H, W) in [0, 1], pose_and_video.gif side by side. The folder is written under a temporary
+    name and renamed into place (an earlier output is moved aside first, restored if that fails). Returns the names."""
     folder = Path(folder)
-    ours = {"frames", "video.gif", "video.mp4", "pose_and_video.gif"}
-    if folder.exists() and (not folder.is_dir() or not {p.name for p in folder.iterdir()} <= ours):
-        raise ValueError(f"{folder}: exists and is not an earlier video output (it may hold only {sorted(ours)})")
+    check_output(folder)
     video = to_uint8(frames, (-1.0, 1.0))  # (F, H, W, 3)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
@@ -292,8 +302,16 @@ def write_video(folder: str | Path, frames: Tensor, poses: Tensor | None, fps: f
             write_gif(np.concatenate([to_uint8(poses), video], axis=2), staging / "pose_and_video.gif", fps)
         names = sorted(p.name for p in staging.iterdir())
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+            aside = staging.with_suffix(".old")
+            os.rename(folder, aside)
+            try:
+                os.rename(staging, folder)
+            except BaseException:
+                os.rename(aside, folder)
+                raise
+            shutil.rmtree(aside)
+        else:
+            os.rename(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -333,6 +351,7 @@ def check_video(config) -> None:
         raise ValueError(f"--eps_layout={config.eps_layout!r}: expected one of {', '.join(svd_controls.EPS_LAYOUTS)}")
     if len(config.guidance_ramp) not in (0, 2):
         raise ValueError(f"--guidance_ramp={config.guidance_ramp}: (min, max) over each window's frames, or ()")
+    check_output(config.video_out)
 
 
 def sample_video(config) -> dict:

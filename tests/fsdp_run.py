@@ -1,5 +1,5 @@
 """torchrun entry point of tests/test_video_train.py's FSDP test: train to step 2 (a sharded checkpoint), then, in
-the same processes, resume from it to step 4; rank 0 writes both runs' losses as JSON to the path in argv[2].
+the same processes, resume from it to the config's max_steps; rank 0 writes both runs' losses as JSON to argv[2].
 
     torchrun --nproc_per_node=2 tests/fsdp_run.py '<TrainConfig as JSON>' losses.json
 """

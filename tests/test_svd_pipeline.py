@@ -35,12 +35,15 @@ from torch import nn
 
 import sample
 from controlnext.control_branch import G1_SVD, TINY as TINY_BRANCH, ControlNeXt
+from controlnext.checkpoint import save_state
 from controlnext.controls import apply_unet_weights
+from controlnext.loaders import original_state
 from controlnext.pose import ALIGN_JOINTS, Pose, save_pose_json
 from controlnext.sampling import summed_controls
 from controlnext.svd_controls import load_video_control
-from controlnext.svd_pipeline import image_to_video, is_svd, load_svd
+from controlnext.svd_pipeline import TINY_CONFIG, image_to_video, is_svd, load_svd
 from controlnext.video_data import MovingFill50k
+from controlnext.video_io import to_uint8, write_mp4
 from tests.svd_fixtures import tiny_svd
 from unet.svd_unet import svd_added_time_ids
 
@@ -90,6 +93,18 @@ def test_matches_diffusers_pipeline_without_control(folder):
     video = pipe.decode(mine, chunk=3)  # decode_chunk_size=3: chunks of 3 and 1 frames, each its own clip
     assert video.shape == (1, 4, 3, H, W)
     assert (((video + 1) / 2).clamp(0, 1) - frames).abs().max() <= 1e-4
+
+
+def test_original_single_file_loads_the_same_pipeline(folder, tmp_path):
+    pipe = load_svd(folder)
+    state = original_state(pipe.unet, "unet") | original_state(pipe.vae, "vae") | \
+        original_state(pipe.image_encoder, "svd_image")  # the svd*.safetensors layout (checkpoints.md §2.1, §4.3)
+    save_state(state, tmp_path / "svd_tiny.safetensors")
+    assert is_svd(tmp_path / "svd_tiny.safetensors") and is_svd(folder) and not is_svd(folder / "unet")
+    single = load_svd(tmp_path / "svd_tiny.safetensors", dataclasses.replace(TINY_CONFIG, image=pipe.config.image))
+    for ours, theirs in ((single.unet, pipe.unet), (single.vae, pipe.vae), (single.image_encoder, pipe.image_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same tensors, renamed back
 
 
 # --- the official ControlNeXt-SVD releases ----------------------------------------------------------------------------
@@ -241,7 +256,7 @@ def test_tiling_windows_equal_running_them_separately(folder, release):
     pose = torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(1))
     noise = torch.randn(1, 4, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
     reference = to_tensor(picture(1))[None]
-    run = dict(steps=2, guidance=(2.0, 2.0), blend="linear", reference_pose_first=False)
+    run = dict(steps=1, guidance=(2.0, 2.0), blend="linear", reference_pose_first=False)
     whole = image_to_video(pipe, reference, num_frames=4, window=2, overlap=0, decode_chunk=2, noise=noise,
                            generator=torch.Generator().manual_seed(0), controls=[(control.model, pose, 1.0)], **run)
     parts = [image_to_video(pipe, reference, num_frames=2, noise=noise[:, s:s + 2],
@@ -295,43 +310,41 @@ def person(dx: float, dy: float, scale: float) -> Pose:
 
 def video_config(folder: Path, tmp: Path, **fields) -> sample.SampleConfig:
     Image.fromarray(picture(3)).save(tmp / "reference.png")
-    base = dict(pretrained=str(folder), reference=str(tmp / "reference.png"), height=H, width=W, steps=2, window=3,
+    base = dict(pretrained=str(folder), reference=str(tmp / "reference.png"), height=64, width=64, steps=2, window=3,
                 overlap=1, decode_chunk=2, pose_stride=1, video_out=str(tmp / "video"))
     return dataclasses.replace(sample.SampleConfig(), **(base | fields))
 
 
-def test_sample_py_video_mode_from_pose_images_writes_frames_gif_and_mp4(folder, release, tmp_path):
+def test_sample_py_video_mode_from_a_pose_video_writes_frames_gif_and_mp4(folder, release, tmp_path):
     clip = MovingFill50k(64, 5, seed=2)[0]
-    (tmp_path / "poses").mkdir()
-    for i, frame in enumerate(clip["control"]):
-        Image.fromarray((frame.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "poses" / f"{i}.png")
-    config = video_config(folder, tmp_path, pose=str(tmp_path / "poses"), control=(str(release[0]),),
+    write_mp4(to_uint8(clip["control"]), tmp_path / "poses.mp4", fps=7)
+    config = video_config(folder, tmp_path, pose=str(tmp_path / "poses.mp4"), control=(str(release[0]),),
                           unet_weights=(str(release[1]),))
     assert is_svd(config.pretrained)  # sample.main dispatches on it
     result = sample.main(config)
     frames = result["frames"]
-    assert frames.shape == (5, 3, H, W) and torch.isfinite(frames).all()
+    assert frames.shape == (5, 3, 64, 64) and torch.isfinite(frames).all()
     out = Path(config.video_out)
     pngs = sorted((out / "frames").iterdir())
-    assert len(pngs) == 5 and Image.open(pngs[0]).size == (W, H)
+    assert len(pngs) == 5 and Image.open(pngs[0]).size == (64, 64)
     written = np.asarray(Image.open(pngs[4]))
     expected = ((frames[4].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
     assert np.abs(written.astype(int) - expected).max() <= 1  # the PNG holds the frame (rounding)
     with Image.open(out / "video.gif") as gif:
-        assert (gif.n_frames, gif.size) == (5, (W, H))
+        assert (gif.n_frames, gif.size) == (5, (64, 64))
     with Image.open(out / "pose_and_video.gif") as gif:
-        assert gif.size == (2 * W, H)
+        assert gif.size == (2 * 64, 64)
     mp4 = iio.imread(out / "video.mp4", plugin="FFMPEG")  # read back by imageio, an independent reader
-    assert mp4.shape == (5, H, W, 3)
+    assert mp4.shape == (5, 64, 64, 3)
 
 
 def test_sample_py_video_mode_from_keypoints(folder, release, tmp_path):
-    save_pose_json(tmp_path / "reference.json", [person(0.0, 0.0, 1.0)], W, H)
+    save_pose_json(tmp_path / "reference.json", [person(0.0, 0.0, 1.0)], 64, 64)
     save_pose_json(tmp_path / "video.json", [person(0.05 * k, 0.0, 0.8) for k in range(6)], 256, 192)
     config = video_config(folder, tmp_path, pose=str(tmp_path / "video.json"), pose_stride=2,
                           pose_reference=str(tmp_path / "reference.json"), control=(str(release[0]),), window=0)
     frames = sample.main(config)["frames"]
-    assert frames.shape == (4, 3, H, W)  # [reference pose] + every 2nd of 6 driving frames
+    assert frames.shape == (4, 3, 64, 64)  # [reference pose] + every 2nd of 6 driving frames
 
 
 @pytest.mark.parametrize("change, message", [
