@@ -86,6 +86,7 @@ class SampleConfig:
     release: str = "auto"              # official branch files: auto (G1 -> svd_v1, G2 -> svd_v2), svd_v1, svd_v2,
                                        # svd_v2_train (controlnext/svd_controls.py)
     eps_layout: str = "auto"           # UNet GroupNorm eps: auto (releases: diffusers; runs: theirs; else sgm)
+    dtype: str = "fp32"                # video weights and compute: fp32, bf16 (half the memory) or fp16
     video_out: str = "samples_video"   # folder: frames/ (PNG), video.gif, video.mp4 (with imageio-ffmpeg),
                                        # pose_and_video.gif
 
@@ -119,6 +120,8 @@ def main(config: SampleConfig) -> dict:
     check(config)
     if is_svd(config.pretrained):  # video (SVD): reference image + poses -> frames, GIF, MP4
         return sample_video(config)
+    if config.dtype != "fp32":
+        raise ValueError(f"--dtype={config.dtype}: the SD mode samples in fp32 (--dtype is the video mode's)")
     pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     for i, path in enumerate(config.lora):
         towers = {f"text_encoder{'_2' if j else ''}": t for j, t in enumerate(pipe.text_encoders)}

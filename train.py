@@ -35,8 +35,7 @@ from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import Fill50k, FolderDataset
 from controlnext.controlnext import ABLATIONS, PRESETS as INJECTIONS
 from controlnext.sampling import SAMPLERS
-from controlnext.runs import (EMA, RunLog, load_checkpoint, make_run_dir, remove_stale_temp_files, save_checkpoint,
-                              step_generator)
+from controlnext.runs import EMA, RunLog, load_checkpoint, remove_stale_temp_files, save_checkpoint, step_generator
 from controlnext.sd_pipeline import PRESETS as MODELS
 from controlnext.selection import SELECTIONS
 from controlnext.stages import LatentCache, build_stage, eval_set

@@ -158,7 +158,8 @@ def gathered_tensors(shards: Path, group: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save(run: Path | None, step: int, net: nn.Module, params: dict, ema, optimizer, scaler, config: dict) -> Path | None:
+def save(run: Path | None, step: int, net: nn.Module, params: dict, ema, optimizer, scaler,
+         config: dict) -> Path | None:
     """A training checkpoint: runs.save_checkpoint on rank 0, or (FSDP) sharded on every rank (module docstring).
     Returns the .pt path --resume takes (None on ranks that wrote nothing)."""
     rank = dist.get_rank()

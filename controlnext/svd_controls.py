@@ -98,10 +98,9 @@ def from_release(path: Path, pipe, release: str, level: float) -> LoadedControl:
                          f"{pipe.unet.config.eps_layout!r}")
     _, preset, injection = RELEASES[kind]
     model = ControlNeXtUNet(pipe.unet, branch_config(state, preset), with_level(injection, level))
-    load_into(model.branch, state, what=f"ControlNeXt-SVD branch ({kind}) from {path}",
-              dtype=next(pipe.unet.parameters()).dtype)
+    load_into(model.branch, state, what=f"ControlNeXt-SVD branch ({kind}) from {path}")
     print(f"{path}: {kind} release ({preset} branch, {injection} injection, k = {model.injection.gain})")
-    return LoadedControl(model.eval(), 1.0, None, str(path))
+    return LoadedControl(model.to(next(pipe.unet.parameters()).dtype).eval(), 1.0, None, str(path))
 
 
 def from_video_run(path: Path, pipe, level: float) -> LoadedControl:
@@ -117,7 +116,7 @@ def from_video_run(path: Path, pipe, level: float) -> LoadedControl:
     select_trainable(pipe.unet, config.trainable)  # adds the LoRA modules a lora:R run trained, if any
     pipe.unet.requires_grad_(False)
     load_into(model, read_state(path), what=f"trained tensors from {path}", mode="partial")
-    return LoadedControl(model.eval(), config.control_scale, None, str(path))
+    return LoadedControl(model.to(next(pipe.unet.parameters()).dtype).eval(), config.control_scale, None, str(path))
 
 
 def load_video_control(path: str | Path, pipe, release: str, level: float) -> LoadedControl:

@@ -59,6 +59,7 @@ from vae.temporal_decoder import SVD as SVD_VAE, TINY as TINY_VAE, TemporalAutoe
 
 PIPELINE_CLASS = "StableVideoDiffusionPipeline"  # model_index.json _class_name of a diffusers SVD folder
 BLENDS = ("official", "linear")  # how overlapping windows merge: windows.official_weights or windows.blend_weights
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # sample.py --dtype
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class StableVideoDiffusion(nn.Module):
                           for i in range(0, latents.shape[1], step)], dim=1)  # (B, F, 3, H, W)
 
 
-# --- loading -----------------------------------------------------------------------------------------------------------
+# --- loading ----------------------------------------------------------------------------------------------------------
 
 def is_svd(source: str | Path) -> bool:
     """Whether `source` is an SVD checkpoint: a diffusers folder of PIPELINE_CLASS, or a .safetensors single file
@@ -271,7 +272,7 @@ def image_to_video(pipe: StableVideoDiffusion, reference: Tensor, *, num_frames:
     return pipe.decode(x, decode_chunk) if decode else x
 
 
-# --- sample.py's video mode ---------------------------------------------------------------------------------------------
+# --- sample.py's video mode -------------------------------------------------------------------------------------------
 
 VIDEO_FILES = {"frames", "video.gif", "video.mp4", "pose_and_video.gif"}  # what write_video writes
 
@@ -349,6 +350,8 @@ def check_video(config) -> None:
         raise ValueError(f"--release={config.release!r}: expected auto or one of {', '.join(svd_controls.RELEASES)}")
     if config.eps_layout not in svd_controls.EPS_LAYOUTS:
         raise ValueError(f"--eps_layout={config.eps_layout!r}: expected one of {', '.join(svd_controls.EPS_LAYOUTS)}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype={config.dtype!r}: expected one of {', '.join(DTYPES)}")
     if len(config.guidance_ramp) not in (0, 2):
         raise ValueError(f"--guidance_ramp={config.guidance_ramp}: (min, max) over each window's frames, or ()")
     check_output(config.video_out)
@@ -359,7 +362,7 @@ def sample_video(config) -> dict:
     (+ official releases or train.py video runs) -> frames, GIF, MP4. Returns {"frames": (F, 3, H, W), "out": path}."""
     check_video(config)
     layout = svd_controls.control_layout(config)
-    pipe = load_svd(config.pretrained, eps_layout=layout)
+    pipe = load_svd(config.pretrained, eps_layout=layout, dtype=DTYPES[config.dtype])
     controls = [svd_controls.load_video_control(path, pipe, config.release, config.control_level)
                 for path in config.control]
     for path in config.unet_weights:

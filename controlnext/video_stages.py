@@ -136,7 +136,7 @@ class VideoStage(nn.Module):
         return metrics, evals["control"][:2].flatten(0, 1)[:16], videos[:2].flatten(0, 1)[:16]
 
 
-# --- data -----------------------------------------------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------------------------
 
 def video_dataset(config: TrainConfig) -> MovingFill50k | VideoClips:
     """--dataset=fill50k: the moving-disc toy (square clips); else a meta_info .json or a folder of clip folders."""

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the checkout's packages first
 
-from controlnext.control_branch import G2, ControlNeXt  # noqa: E402
+from controlnext.control_branch import G2  # noqa: E402
 from controlnext.controlnext import SVD_V2, ControlNeXtUNet  # noqa: E402
 from controlnext.sampling import summed_controls  # noqa: E402
 from controlnext.selection import select_trainable  # noqa: E402

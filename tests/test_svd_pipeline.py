@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 import sample
-from controlnext.control_branch import G1_SVD, TINY as TINY_BRANCH, ControlNeXt
+from controlnext.control_branch import G1_SVD, ControlNeXt
 from controlnext.checkpoint import save_state
 from controlnext.controls import apply_unet_weights
 from controlnext.loaders import original_state
@@ -73,7 +73,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W) in [-1, 1]
 
 
-# --- parity with diffusers' StableVideoDiffusionPipeline ---------------------------------------------------------------
+# --- parity with diffusers' StableVideoDiffusionPipeline --------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -342,9 +342,11 @@ def test_sample_py_video_mode_from_keypoints(folder, release, tmp_path):
     save_pose_json(tmp_path / "reference.json", [person(0.0, 0.0, 1.0)], 64, 64)
     save_pose_json(tmp_path / "video.json", [person(0.05 * k, 0.0, 0.8) for k in range(6)], 256, 192)
     config = video_config(folder, tmp_path, pose=str(tmp_path / "video.json"), pose_stride=2,
-                          pose_reference=str(tmp_path / "reference.json"), control=(str(release[0]),), window=0)
+                          pose_reference=str(tmp_path / "reference.json"), control=(str(release[0]),), window=0,
+                          dtype="bf16")
     frames = sample.main(config)["frames"]
     assert frames.shape == (4, 3, 64, 64)  # [reference pose] + every 2nd of 6 driving frames
+    assert torch.isfinite(frames).all()  # --dtype=bf16: weights, branch and compute in bfloat16
 
 
 @pytest.mark.parametrize("change, message", [
@@ -357,6 +359,7 @@ def test_sample_py_video_mode_from_keypoints(folder, release, tmp_path):
     ({"release": "v3"}, "--release='v3'"),
     ({"lora": ("style.safetensors",)}, "--lora: not used by the video mode"),
     ({"guidance_ramp": (1.0,)}, "--guidance_ramp=(1.0,)"),
+    ({"dtype": "fp8"}, "--dtype='fp8'"),
 ])
 def test_bad_video_input_is_one_clear_error_before_loading(folder, tmp_path, change, message):
     (tmp_path / "poses.json").write_text("{}")
