@@ -76,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"               # "auto" | "cpu" | "cuda"
     num_threads: int = 1               # torch CPU threads (small ops gain little from more and lose badly on shared
-                                       # cores: 0.7 vs 2.3 it/s measured on the toy); 0 = torch's default
+                                       # cores: 0.7 vs 2.3 it/s measured on a small model); 0 = torch's default
     resume: str = ""                   # a checkpoint .pt to continue from, in its own run folder
     progress: bool = True              # tqdm bar
 

@@ -48,13 +48,11 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
 
 def target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
            alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The regression target for an "epsilon", "v_prediction" or "sample" network."""
+    """The regression target for an "epsilon" or "v_prediction" network."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return velocity(x0, noise, t, alphas_cumprod)
-    if prediction_type == "sample":
-        return x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
