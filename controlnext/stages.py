@@ -28,14 +28,15 @@ from torch import Tensor, nn
 
 from controlnext.checkpoint import read_state, save_state
 from controlnext.config import TrainConfig
-from controlnext.control_branch import PRESETS as BRANCHES
+from controlnext.control_branch import branch_for
 from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
-from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
+from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, align, build_controlled_unet, run_unet
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
 from schedulers.sigmas import make_alphas_cumprod
 from schedulers.training import sd_training_noise
+from unet.sd_unet import control_sites
 
 # The official recipe of each family: (injection preset, UNet selection) (controlnext.md §3, §4.1-4.2).
 RECIPES = {"sd1": ("sd15_train", "to_out"), "sd2": ("sd15_train", "to_out"), "sdxl": ("sdxl", "attn2_to_out")}
@@ -109,10 +110,9 @@ class ControlStage(nn.Module):
                                        trainable=trainable if config.trainable == "auto" else config.trainable,
                                        branch=branch if config.branch == "auto" else config.branch)
         self.pipe = pipe.requires_grad_(False)
-        branch_config = BRANCHES[config.branch]
-        if branch_config.out_channels != width and config.branch == "tiny":
-            branch_config = replace(branch_config, out_channels=width)  # a small branch follows a small UNet's width
-        self.model = build_controlled_unet(config.ablation, pipe.unet, branch_config, INJECTIONS[config.injection])
+        injection = INJECTIONS[config.injection]
+        branch_config = branch_for(config.branch, control_sites(pipe.config.unet)[injection.site])
+        self.model = build_controlled_unet(config.ablation, pipe.unet, branch_config, injection)
         unet = select_trainable(pipe.unet, config.trainable)
         self.groups = {"control": self.model.control_parameters(), "unet": {f"unet.{n}": p for n, p in unet.items()}}
         self.alphas_cumprod = make_alphas_cumprod(pipe.config.schedule)
@@ -158,6 +158,24 @@ class ControlStage(nn.Module):
         return (err * weight.to(device)).mean() if weight is not None else err.mean()
 
     @torch.no_grad()
+    def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        """What the control does at the site, on a training batch (issue 18): the size of the added term relative to h,
+        ||k CN(h, c)|| / ||h||, and its direction, cos(k CN(h, c), h), per-sample means. h is taken from an uncontrolled
+        pass (equal to the controlled one up to the site). {} for the ControlNet arm (no single site)."""
+        if not isinstance(self.model, ControlNeXtUNet):
+            return {}
+        x0, context, y = self.conditions(batch, generator)
+        x_t, t, _ = sd_training_noise(x0.cpu(), self.alphas_cumprod.cpu(), self.pipe.config.schedule.prediction_type,
+                                      generator=generator)
+        x_t, t, site, seen = x_t.to(x0.device), t.to(x0.device), self.model.injection.site, {}
+        run_unet(self.pipe.unet, x_t, t, context, y, lambda s, h: seen.setdefault(s, h))  # observe only
+        h = seen[site].flatten(1)  # (B, C*h*w)
+        c = self.model.features(self.model.prepare(batch["control"].to(x0.device)), t)
+        term = (self.model.strength(self.config.control_scale) * align(seen[site], c, self.model.injection)).flatten(1)
+        return {"term_ratio": (term.norm(dim=1) / h.norm(dim=1)).mean().item(),
+                "term_cosine": F.cosine_similarity(term, h, dim=1).mean().item()}
+
+    @torch.no_grad()
     def evaluate(self, evals: dict, generator: torch.Generator) -> tuple[dict, Tensor, Tensor]:
         """(fill50k metrics, conditions, samples) on the held-out set, at the training control scale."""
         c, r = self.config, self.config.resolution
@@ -199,6 +217,9 @@ class BaseStage(nn.Module):
     def export(self, run: Path, ema) -> Path:
         return export_pipeline(self, run, ema)
 
+    def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        return {}
+
     def forward(self, batch: dict, generator: torch.Generator) -> Tensor:
         pipe, device = self.pipe, self.alphas_cumprod.device
         with torch.no_grad():
@@ -233,6 +254,9 @@ class VAEStage(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.groups["all"].values()), "lr": self.config.lr}]
+
+    def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        return {}
 
     @torch.no_grad()
     def export(self, run: Path, ema) -> Path:
