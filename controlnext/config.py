@@ -45,6 +45,8 @@ class TrainConfig:
     proportion_empty_prompts: float = 0.0  # prompt -> empty_prompt with this probability (official flag)
     empty_prompt: str = ""             # official SD1.5 trainer uses the literal "PBH"
     loss_weight_control: float = 1.0  # per-pixel loss weight where the condition is lit (1 = plain MSE)
+    noise_offset: float = 0.0          # offset noise strength (schedulers/training.py; 0 = the official trainers)
+    snr_gamma: float = 0.0             # Min-SNR-gamma loss weighting (schedulers/training.py; 0 = off, plain MSE)
     cache_latents: bool = False        # folder datasets: VAE posterior + text embeddings computed once, kept on disk
     # optimisation (official SD1.5: AdamW, lr 1e-5, branch 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8)
     max_steps: int = 400               # optimizer steps
@@ -105,8 +107,8 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
     for field in positive:
         if getattr(config, field) < 1:
             raise ValueError(f"--{field}={getattr(config, field)}: must be at least 1")
-    for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps",
-                  "eval_every", "num_threads", "clip_skip"):
+    for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps", "noise_offset",
+                  "snr_gamma", "eval_every", "num_threads", "clip_skip"):
         if getattr(config, field) < 0:
             raise ValueError(f"--{field}={getattr(config, field)}: must not be negative")
     if config.lr == 0 and config.control_lr == 0:

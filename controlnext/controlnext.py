@@ -185,7 +185,11 @@ SVD_V1 = Injection(site="mid_in", eps=1e-5, pool_first=False, gain=1.3, scale="s
 # ControlNeXt-SVD-v2/models/unet_spatio_temporal_condition_controlnext.py:457-464 — after down_blocks[0], CN eps 1e-5,
 # pool, k = scale * 0.2 (the hand-tuned "control level"); the pipeline zeroes k on the CFG uncond half.
 SVD_V2 = Injection(site="down_0", eps=1e-5, pool_first=False, gain=0.2, control_uncond=False)
-PRESETS = {"sd15_train": SD15_TRAIN, "sd15_release": SD15_RELEASE, "sdxl": SDXL, "svd_v1": SVD_V1, "svd_v2": SVD_V2}
+# Not an official variant: the training form at the release's site (after the mid block), for the site ablation of
+# experiments/fig3_convergence.py (issue 18).
+SD15_TRAIN_MID = replace(SD15_TRAIN, site="mid_out")
+PRESETS = {"sd15_train": SD15_TRAIN, "sd15_release": SD15_RELEASE, "sdxl": SDXL, "svd_v1": SVD_V1, "svd_v2": SVD_V2,
+           "sd15_train_mid": SD15_TRAIN_MID}
 
 
 # --- the `--ablation` arms: what each changes in the injection preset; None = the ControlNet baseline

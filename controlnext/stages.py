@@ -35,7 +35,7 @@ from controlnext.metrics import fill50k_metrics
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
 from schedulers.sigmas import make_alphas_cumprod
-from schedulers.training import sd_training_noise
+from schedulers.training import min_snr_weight, sd_training_noise
 from unet.sd_unet import control_sites
 
 # The official recipe of each family: (injection preset, UNet selection) (controlnext.md §3, §4.1-4.2).
@@ -67,6 +67,14 @@ def loss_weight_map(control: Tensor, weight: float, factor: int) -> Tensor | Non
         return None
     mask = (control.amax(dim=1, keepdim=True) > 0.5).float()  # (B, 1, H, W)
     return F.avg_pool2d(1 + (weight - 1) * mask, factor)  # (B, 1, H/f, W/f)
+
+
+def weighted_mean(err: Tensor, t: Tensor, alphas_cumprod: Tensor, config: TrainConfig, prediction_type: str) -> Tensor:
+    """The batch loss: the mean squared error, per sample weighted by Min-SNR-gamma when --snr_gamma is set."""
+    if not config.snr_gamma:
+        return err.mean()
+    w = min_snr_weight(t.cpu(), alphas_cumprod.cpu(), config.snr_gamma, prediction_type).to(err.device)  # (B,)
+    return (err.flatten(1).mean(1) * w).mean()
 
 
 class LatentCache:
@@ -149,13 +157,14 @@ class ControlStage(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator) -> Tensor:
         x0, context, y = self.conditions(batch, generator)
         x_t, t, target = sd_training_noise(x0.cpu(), self.alphas_cumprod.cpu(), self.pipe.config.schedule.prediction_type,
-                                           generator=generator)
+                                           generator=generator, noise_offset=self.config.noise_offset)
         device = x0.device
         pred = self.model(x_t.to(device), t.to(device), context, batch["control"].to(device),
                           y=None if y is None else y.to(device), scale=self.config.control_scale)
         err = (pred.float() - target.to(device)).square()  # (B, 4, h, w)
         weight = loss_weight_map(batch["control"], self.config.loss_weight_control, 8)
-        return (err * weight.to(device)).mean() if weight is not None else err.mean()
+        return weighted_mean(err if weight is None else err * weight.to(device), t, self.alphas_cumprod, self.config,
+                             self.pipe.config.schedule.prediction_type)
 
     @torch.no_grad()
     def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
@@ -226,9 +235,10 @@ class BaseStage(nn.Module):
             x0 = sample_latents(pipe, batch["image"].to(device), generator)
         context, _ = pipe.encode_prompt(batch["prompt"], self.config.clip_skip)  # with gradients: the tower trains
         x_t, t, target = sd_training_noise(x0.cpu(), self.alphas_cumprod.cpu(), pipe.config.schedule.prediction_type,
-                                           generator=generator)
+                                           generator=generator, noise_offset=self.config.noise_offset)
         pred = pipe.unet(x_t.to(device), t.to(device), context)
-        return (pred.float() - target.to(device)).square().mean()
+        return weighted_mean((pred.float() - target.to(device)).square(), t, self.alphas_cumprod, self.config,
+                             pipe.config.schedule.prediction_type)
 
     @torch.no_grad()
     def evaluate(self, evals: dict, generator: torch.Generator) -> tuple[dict, Tensor, Tensor]:
