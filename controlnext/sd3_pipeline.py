@@ -170,6 +170,8 @@ class StableDiffusion3(nn.Module):
     def random(cls, config: SD3Config, tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer | None = None
                ) -> StableDiffusion3:
         """Randomly initialised components (tiny test checkpoints); `tokenizer`'s vocabulary serves both towers."""
+        if config.t5 is not None and t5_tokenizer is None:
+            raise ValueError("a config with a T5 needs its t5_tokenizer (a T5Tokenizer)")
         t5 = T5Encoder(config.t5) if config.t5 is not None else None
         tokenizers = [CLIPTokenizer(tokenizer.vocab, tokenizer.merges, pad) for pad in PADS]
         return cls(config, MMDiT(config.mmdit), AutoencoderKL(config.vae), [build_clip(c) for c in config.clip], t5,
@@ -205,7 +207,7 @@ class StableDiffusion3(nn.Module):
         return self.vae.decode_latent(latents)
 
     # --- export -----------------------------------------------------------------------------------------------------
-    def clip_l_state(self) -> dict[str, Tensor]:
+    def _clip_l_state(self) -> dict[str, Tensor]:
         """CLIP-L's tensors for the original layout, which has no CLIP-L projection: an identity one is dropped."""
         state = self.text_encoders[0].state_dict()
         projection = state.pop("text_projection.weight", None)
@@ -224,14 +226,13 @@ class StableDiffusion3(nn.Module):
                               for k, v in state.items()}
         if layout == "original":
             state = original_mmdit_state(self.mmdit) | original_state(self.vae, "vae")
-            for prefix, tower_state in zip(CLIP_PREFIXES, (self.clip_l_state(), self.text_encoders[1].state_dict())):
+            for prefix, tower_state in zip(CLIP_PREFIXES, (self._clip_l_state(), self.text_encoders[1].state_dict())):
                 state |= {prefix + k: v for k, v in tower_state.items()}
             if self.t5 is not None:
                 state |= {T5_SINGLE_FILE_PREFIX + k: v for k, v in self.t5.state_dict().items()}
             save_state(cast(state), path, metadata={METADATA_KEY: config_to_json(self.config)})
             self.tokenizers[0].save(path.parent / "tokenizer")
             if self.t5_tokenizer is not None:
-                (path.parent / "tokenizer_3").mkdir(exist_ok=True)
                 self._save_t5_tokenizer(path.parent / "tokenizer_3")
             return
         if layout != "diffusers":
@@ -374,12 +375,11 @@ def cfg_velocity(mmdit: MMDiT, context: Tensor, uncond: Tensor, pooled: Tensor, 
     """v(x, t) of the MMDiT, or of a controlled model around it, under CFG over (uncond, cond) in one doubled batch
     (uncond first, torch.cat order). The control's stem runs once per sampling run and its features once per step
     for both halves, as controlnext/sampling.py does for the UNets; `control_uncond` False gives the uncond half k 0."""
-    guided = guidance_scale != 1.0
+    guided, B = guidance_scale != 1.0, context.shape[0]
     ctx = torch.cat([uncond, context]) if guided else context  # (2B, M, D)
     y = torch.cat([uncond_pooled, pooled]) if guided else pooled  # (2B, P)
-    model, prepared, scale = (None, None, 0.0) if control is None else (control[0], control[0].prepare(control[1]),
-                                                                        control[2])
-    B = context.shape[0]
+    model, image, scale = control if control is not None else (None, None, 0.0)
+    prepared = model.prepare(image) if model is not None else None  # once per sampling run: the branch's stem
 
     def net(x_in: Tensor, t: Tensor) -> Tensor:
         x, t2 = (torch.cat([x_in, x_in]), torch.cat([t, t])) if guided else (x_in, t)  # (2B, 16, h, w) under CFG

@@ -30,7 +30,6 @@ from controlnext.sd3_controlnext import ControlNeXtMMDiT, build_sd3_controlled
 from controlnext.sd3_pipeline import TINY_SD3, TINY_SD3_T5, StableDiffusion3, is_sd3, load_sd3, text_to_image
 from encoders.t5_tokenizer import T5Tokenizer
 from tests.sd3_fixtures import tiny_sd3, write_spiece
-from tests.sd_fixtures import tiny_sd15
 
 PROMPTS = ["red circle with blue background", "aqua circle with white background"]
 
@@ -134,10 +133,11 @@ def test_bad_sources_and_inputs(ours_random, tmp_path):
         load_sd3(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="model_index.json"):
         load_sd3(tmp_path)
-    sd15 = tiny_sd15(tmp_path / "sd15")
-    assert not is_sd3(sd15)
+    (tmp_path / "sd15").mkdir()
+    (tmp_path / "sd15" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert not is_sd3(tmp_path / "sd15")
     with pytest.raises(ValueError, match="is not StableDiffusion3Pipeline"):
-        load_sd3(sd15)
+        load_sd3(tmp_path / "sd15")
     ours_random.save(tmp_path / "whole.safetensors")
     state = {k: v for k, v in read_state(tmp_path / "whole.safetensors").items()
              if not k.startswith("text_encoders.clip_l.")}
