@@ -63,10 +63,17 @@ def test_each_arm_trains_on_the_single_file(tiny_file, tmp_path, ablation):
     assert control_keys and all(k.startswith(expected) for k in control_keys)
 
 
-def test_diffusers_folder_trains_with_its_t5(tmp_path):
-    folder = tmp_path / "sd3"
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    """A diffusers StableDiffusion3Pipeline folder with a tiny T5, written by diffusers."""
+    folder = tmp_path_factory.mktemp("sd3") / "pipe"
     tiny_sd3(folder, t5=True)
-    result = train.main(smoke(str(folder), tmp_path / "runs", ablation="cross_norm", trainable="joint_to_out"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("ablation", ["cross_norm", "controlnet"])
+def test_diffusers_folder_trains_with_its_t5(tiny_folder, tmp_path, ablation):
+    result = train.main(smoke(tiny_folder, tmp_path, ablation=ablation, trainable="joint_to_out"))
     assert all(math.isfinite(x) for x in result["losses"])
     keys = [k for k in read_state(Path(result["run"]) / "checkpoints" / "step_000002.safetensors") if k[:6] == "mmdit."]
     assert all(re.search(r"\.attn\.to(_add)?_out\.", k) for k in keys)  # both streams' attention outputs
