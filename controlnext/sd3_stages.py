@@ -203,6 +203,8 @@ def sd3_condition(control: SD3Control, image: str | None, example: dict | None, 
     if image is None and example is None:
         raise ValueError("--control_image is needed for a non-square size (the fill50k examples are square)")
     if control.control_source == "super_resolution":
+        if canny:
+            raise ValueError("--canny: a super-resolution control takes the low-resolution image itself")
         if image is None:
             target = torch.from_numpy(example["target"]).permute(2, 0, 1).float()[None] / 127.5 - 1  # (1, 3, H, W)
             return super_resolution_condition(target, control.sr_factor)[0]
