@@ -70,6 +70,12 @@ class TrainConfig:
     sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     sampling_steps: int = 10
     guidance_scale: float = 2.0        # classifier-free guidance (needs a base trained with empty prompts)
+    # SD3 (--pretrained an SD3 model: controlnext/sd3_stages.py; issue 19)
+    control_source: str = "dataset"    # the condition: "dataset" (its control images) or "super_resolution" (the
+                                       # target area-downsampled sr_factor x, upsampled back bicubic; SD3 only)
+    sr_factor: int = 4                 # super_resolution: the downsampling factor
+    use_t5: bool = True                # load SD3's T5 encoder; False: T5-less (zeros, as SD3 allows; 9.5 GB less)
+    t5_tokenizer: str = ""             # SD3 single files: a folder with spiece.model; "" = tokenizer_3/ beside the file
     # bookkeeping
     experiment: str = ""               # run folder name; "" = "<stage>_<ablation>"
     out_dir: str = "runs"
@@ -88,7 +94,8 @@ RESUMABLE = {"max_steps", "resume", "eval_every", "log_every", "save_every", "pr
              "experiment", "out_dir"}
 STAGES = ("control", "base", "vae")
 CHOICES = {"stage": STAGES, "mixed_precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
-           "prediction_type": ("", "epsilon", "v_prediction")}
+           "prediction_type": ("", "epsilon", "v_prediction"),
+           "control_source": ("dataset", "super_resolution")}  # SD3 (issue 19)
 
 
 def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:

@@ -13,7 +13,8 @@ same loop and torch's DistributedDataParallel wraps it as is (only the tensors w
 Evaluation (rank 0): the fixed held-out fill50k set sampled through the whole pipeline and decoded by the VAE,
 scored with controlnext/metrics.py. `--cache_latents`: folder datasets are encoded once (VAE posterior moments and
 text embeddings, on disk in the run folder); the posterior is still sampled at every step, so the loss is unchanged.
-Left out: SVD and SD3 stages (their own issues), aspect-ratio buckets (images are centre-cropped to a square).
+SD3 models train through controlnext/sd3_stages.py (build_stage dispatches).
+Left out: SVD stages (their own issue), aspect-ratio buckets (images are centre-cropped to a square).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from controlnext.control_branch import branch_for
 from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
 from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, align, build_controlled_unet, run_unet
 from controlnext.metrics import fill50k_metrics
+from controlnext.sd3_pipeline import is_sd3  # SD3 dispatch (issue 19)
+from controlnext.sd3_stages import build_sd3_stage  # SD3 dispatch (issue 19)
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
 from schedulers.sigmas import make_alphas_cumprod
@@ -307,6 +310,10 @@ STAGE_CLASSES = {"control": ControlStage, "base": BaseStage, "vae": VAEStage}
 
 def build_stage(config: TrainConfig) -> nn.Module:
     """The stage's module with its pipeline: loaded (control), or built from the `model` preset (base, vae)."""
+    if config.stage == "control" and is_sd3(config.pretrained):  # SD3 models: their own stage (issue 19)
+        return build_sd3_stage(config)
+    if config.control_source != "dataset":  # SD3 dispatch (issue 19): the other stages read the dataset's controls
+        raise ValueError(f"--control_source={config.control_source!r}: implemented for SD3 models only")
     if config.stage == "control":
         pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     else:
