@@ -151,6 +151,8 @@ class _Config:
     flag: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     maybe: int | None = None
+    files: tuple[str, ...] = ()
+    scales: tuple[float, ...] = ()
 
 
 def test_cli_overrides_and_errors(tmp_path):
@@ -167,6 +169,12 @@ def test_cli_overrides_and_errors(tmp_path):
     assert cli.from_dict(_Config, cli.to_dict(config)) == config
     with pytest.raises(ValueError, match="experiment file not found"):
         cli.parse_args(_Config, [str(tmp_path / "missing.py")])
+    # Variable-length tuples: one item per flag (repeated flags append) or a literal; fixed-length ones only a literal.
+    config, _ = cli.parse_args(_Config, ["--files=a.safetensors", "--files", "b.png", "--scales=0.5", "--scales=1"])
+    assert config.files == ("a.safetensors", "b.png") and config.scales == (0.5, 1.0)
+    assert cli.parse_args(_Config, ["--scales=(0.25, 0.75)"])[0].scales == (0.25, 0.75)
+    with pytest.raises(ValueError, match="--betas=0.5"):
+        cli.parse_args(_Config, ["--betas=0.5"])
 
 
 # --- the miniature models' tokenizer --------------------------------------------------------------------------------
