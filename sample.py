@@ -13,6 +13,8 @@ controls.py: train.py checkpoints, official ControlNeXt releases, several at onc
 and the release UNet weights (absolute or ΔW, read off the file), then conditions -> CFG + control closure -> sampler
 -> VAE decode -> a grid of (condition | output). Paper: ControlNeXt §3 (inference: the control scale; the official
 SD1.5 example samples at 0.35, SDXL at 1.0). On procedural fill50k conditions it also prints the fill metrics.
+SD3 models (a diffusers StableDiffusion3Pipeline folder or single file) sample through controlnext/sd3_stages.py sample_sd3: --sampler=euler or
+heun, at most one control (a train.py SD3 run; a super-resolution run takes the low-res --control_image).
 Video: an SVD --pretrained switches to controlnext/svd_pipeline.py sample_video (reference image + pose frames ->
 PNG frames, GIF, MP4; the official ControlNeXt-SVD releases or train.py video runs as controls; defaults are the
 official v2 run, controlnext.md §5). Left out: img2img, inpainting.
@@ -33,6 +35,8 @@ from controlnext.lora import apply_lora, load_lora
 from controlnext.metrics import fill50k_metrics
 from controlnext.runs import save_grid
 from controlnext.sampling import SAMPLERS
+from controlnext.sd3_pipeline import is_sd3  # SD3 (issue 19)
+from controlnext.sd3_stages import sample_sd3  # SD3 (issue 19)
 from controlnext.sd_pipeline import load_sd, text_to_image
 from controlnext.svd_pipeline import is_svd, sample_video
 
@@ -65,6 +69,8 @@ class SampleConfig:
     fill_index: int = 0                # held-out procedural example (seed fill_seed) when no condition image is given
     fill_seed: int = 1                 # the training runs' eval_seed: held out from the training stream (seed 0)
     out: str = "samples.png"           # output PNG grid
+    use_t5: bool = True                # SD3: load the T5 encoder (False: T5-less, zeros in its place)
+    t5_tokenizer: str = ""             # SD3 single files: a folder with spiece.model; "" = tokenizer_3/ beside the file
     # video: a --pretrained SVD pipeline folder or svd*.safetensors samples a video (controlnext/svd_pipeline.py)
     reference: str = ""                # the reference image: SVD's conditioning frame, frame 0 of the video
     pose: str = ""                     # pose frames: a folder of images or a video file (frame 0 = the reference's
@@ -118,10 +124,12 @@ def main(config: SampleConfig) -> dict:
     """Returns {"images": (B, 3, H, W) in [-1, 1], "metrics": fill metrics or {}}; video: svd_pipeline.sample_video."""
     # --- load: the pipeline, LoRA files, controls and the UNet weights that come with them --------------------------
     check(config)
+    if config.dtype != "fp32" and not is_svd(config.pretrained):
+        raise ValueError(f"--dtype={config.dtype}: images sample in fp32 (--dtype is the video mode's)")
     if is_svd(config.pretrained):  # video (SVD): reference image + poses -> frames, GIF, MP4
         return sample_video(config)
-    if config.dtype != "fp32":
-        raise ValueError(f"--dtype={config.dtype}: the SD mode samples in fp32 (--dtype is the video mode's)")
+    if is_sd3(config.pretrained):  # SD3 models sample through controlnext/sd3_pipeline.py (issue 19)
+        return save(config, *sample_sd3(config))
     pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     for i, path in enumerate(config.lora):
         towers = {f"text_encoder{'_2' if j else ''}": t for j, t in enumerate(pipe.text_encoders)}
@@ -158,8 +166,14 @@ def main(config: SampleConfig) -> dict:
 
     # --- save --------------------------------------------------------------------------------------------------------------
     shown = images[0].expand(config.batch, -1, -1, -1) if images else torch.zeros(config.batch, 3, height, width)
+    return save(config, prompt, example, shown, result, len(controls))
+
+
+def save(config: SampleConfig, prompt: str, example: dict | None, shown, result, count: int) -> dict:
+    """The (condition | output) grid, and the fill metrics on a procedural example sampled with its own prompt."""
     save_grid(config.out, shown, result)
-    print(f"{prompt!r}: wrote {config.out} ({config.batch} x {width}x{height}, {len(controls)} control(s))")
+    size = f"{result.shape[-1]}x{result.shape[-2]}"
+    print(f"{prompt!r}: wrote {config.out} ({config.batch} x {size}, {count} control(s))")
     metrics = {}
     if example is not None and not config.control_image and not config.prompt:
         n = config.batch

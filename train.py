@@ -13,8 +13,9 @@ weights under autocast, and DistributedDataParallel under torchrun. What one ste
 the settings are controlnext/config.py (TrainConfig); run folders and checkpoints controlnext/runs.py.
 Video: an SVD --pretrained trains ControlNeXt-SVD-v2 (controlnext/video_stages.py; controlnext.md §4.3), on the
 moving-disc toy or pose-video clips; `torchrun ... train.py experiments/svd_pose.py --fsdp` shards the full UNet
-fine-tune (FSDP, sharded checkpoints: controlnext/parallel.py).
-Left out: SD3 training (its own issue), aspect-ratio buckets, wandb.
+fine-tune (FSDP, sharded checkpoints: controlnext/parallel.py). An SD3 --pretrained trains through
+controlnext/sd3_stages.py (stages.build_stage dispatches both).
+Left out: aspect-ratio buckets, wandb.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ def check_finite(loss: float, params: dict, step: int, last_good: Path | None, l
     if dist.is_initialized():
         dist.destroy_process_group()
     raise FloatingPointError(f"non-finite loss or gradient at step {step}; {where}")
+
+
+def grad_norms(stage) -> dict[str, float]:
+    """The gradient norm of each parameter group before clipping (the branch's and the UNet's; Fig. 3 diagnostics)."""
+    norms = {}
+    for group, params in stage.groups.items():
+        grads = [p.grad.detach().float().norm() for p in params.values() if p.grad is not None]
+        norms[f"grad_norm_{group}"] = torch.stack(grads).norm().item() if grads else 0.0
+    return norms
 
 
 def batch_for(dataset, config: TrainConfig, step: int, micro: int) -> tuple[torch.Generator, dict]:
@@ -179,6 +189,8 @@ def main(config: TrainConfig) -> dict:
         if scaler:
             scaler.unscale_(optimizer)
         check_finite(step_loss, params, step + 1, last_good, log)
+        logged = rank == 0 and (step + 1) % config.log_every == 0
+        diagnostics = {**grad_norms(stage), **stage.diagnostics(batch, g)} if logged else {}
         if config.grad_clip:
             parallel.clip_grad_norm(params, config.grad_clip)  # FSDP: on the local shards
         (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
@@ -188,7 +200,7 @@ def main(config: TrainConfig) -> dict:
         losses.append(step_loss)
         done = step + 1
         if rank == 0:
-            log.row(step=done, loss=step_loss, lr=optimizer.param_groups[0]["lr"])
+            log.row(step=done, loss=step_loss, lr=optimizer.param_groups[0]["lr"], **diagnostics)
             if done % config.log_every == 0 or done == config.max_steps:
                 rate = (done - start) / (time.time() - tic)
                 mem = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GB" if device.type == "cuda" else ""

@@ -59,6 +59,8 @@ class TrainConfig:
     proportion_empty_prompts: float = 0.0  # prompt -> empty_prompt with this probability (official flag)
     empty_prompt: str = ""             # official SD1.5 trainer uses the literal "PBH"
     loss_weight_control: float = 1.0  # per-pixel loss weight where the condition is lit (1 = plain MSE)
+    noise_offset: float = 0.0          # offset noise strength (schedulers/training.py; 0 = the official trainers)
+    snr_gamma: float = 0.0             # Min-SNR-gamma loss weighting (schedulers/training.py; 0 = off, plain MSE)
     cache_latents: bool = False        # folder datasets: VAE posterior + text embeddings computed once, kept on disk
     # data, video (controlnext/video_data.py): --dataset=fill50k is the moving-disc toy (MovingFill50k), else a
     # meta_info .json (the official layout) or a folder of clip folders
@@ -88,6 +90,12 @@ class TrainConfig:
     sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     sampling_steps: int = 10
     guidance_scale: float = 2.0        # classifier-free guidance (needs a base trained with empty prompts)
+    # SD3 (--pretrained an SD3 model: controlnext/sd3_stages.py; issue 19)
+    control_source: str = "dataset"    # the condition: "dataset" (its control images) or "super_resolution" (the
+                                       # target area-downsampled sr_factor x, upsampled back bicubic; SD3 only)
+    sr_factor: int = 4                 # super_resolution: the downsampling factor
+    use_t5: bool = True                # load SD3's T5 encoder; False: T5-less (zeros, as SD3 allows; 9.5 GB less)
+    t5_tokenizer: str = ""             # SD3 single files: a folder with spiece.model; "" = tokenizer_3/ beside the file
     # bookkeeping
     experiment: str = ""               # run folder name; "" = "<stage>_<ablation>"
     out_dir: str = "runs"
@@ -96,7 +104,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"               # "auto" | "cpu" | "cuda"
     num_threads: int = 1               # torch CPU threads (small ops gain little from more and lose badly on shared
-                                       # cores: 0.7 vs 2.3 it/s measured on the toy); 0 = torch's default
+                                       # cores: 0.7 vs 2.3 it/s measured on a small model); 0 = torch's default
     resume: str = ""                   # a checkpoint .pt to continue from, in its own run folder
     progress: bool = True              # tqdm bar
 
@@ -106,7 +114,8 @@ RESUMABLE = {"max_steps", "resume", "eval_every", "log_every", "save_every", "pr
              "experiment", "out_dir"}
 STAGES = ("control", "base", "vae")
 CHOICES = {"stage": STAGES, "mixed_precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
-           "prediction_type": ("", "epsilon", "v_prediction"), "eps_layout": ("sgm", "diffusers")}
+           "prediction_type": ("", "epsilon", "v_prediction"), "eps_layout": ("sgm", "diffusers"),
+           "control_source": ("dataset", "super_resolution")}  # SD3 (issue 19)
 
 
 def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
@@ -126,8 +135,8 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
     for field in positive:
         if getattr(config, field) < 1:
             raise ValueError(f"--{field}={getattr(config, field)}: must be at least 1")
-    for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps",
-                  "eval_every", "num_threads", "clip_skip", "noise_aug", "frame_chunk"):
+    for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps", "noise_offset",
+                  "snr_gamma", "eval_every", "num_threads", "clip_skip", "noise_aug", "frame_chunk"):
         if getattr(config, field) < 0:
             raise ValueError(f"--{field}={getattr(config, field)}: must not be negative")
     if config.lr == 0 and config.control_lr == 0:

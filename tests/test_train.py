@@ -235,3 +235,19 @@ def test_experiment_file_and_overrides_round_trip_through_json():
     config, dry_run = cli.parse_args(TrainConfig, ["experiments/sd15_fill50k.py", "--lr=2e-5", "--dry_run"])
     assert dry_run and config.lr == 2e-5 and config.experiment == "sd15_fill50k"
     assert cli.from_dict(TrainConfig, json.loads(cli.dumps(config))) == config
+
+
+@pytest.mark.parametrize("recipe,family", [("sd15_fill50k", "sd15"), ("sdxl_depth", "sdxl")])
+def test_the_real_weight_recipes_run_on_tiny_checkpoints(tmp_path, recipe, family):
+    """The experiment files as written, with only what a CPU test must change: the model (and the branch width that
+    follows it), the data, the size, the step count, and no fp16 autocast (a CPU has no fp16 kernels for every op)."""
+    folder = (tiny_sd15 if family == "sd15" else tiny_sdxl)(tmp_path / family)
+    data = tmp_path / "data"
+    write_fill50k(data, count=4, size=64)
+    config, _ = cli.parse_args(TrainConfig, [f"experiments/{recipe}.py", f"--pretrained={folder}", f"--dataset={data}",
+                                             "--branch=tiny", "--resolution=64", "--batch_size=1", "--max_steps=1",
+                                             "--eval_count=1",
+                                             "--sampling_steps=2", "--mixed_precision=no", f"--out_dir={tmp_path}",
+                                             "--progress=False", "--num_threads=1"])
+    result = train.main(config)
+    assert all(math.isfinite(x) for x in result["losses"]) and (Path(result["run"]) / "latent_cache.safetensors").is_file()
