@@ -11,7 +11,8 @@ temporaries of the step itself; the weights are counted apart (bf16 UNet 3.05 GB
   decode_*  the temporal VAE decoding the clip: all frames as one clip / chunks of 2 frames (--decode_chunk=2).
 Size: reduced for the CPU (a full-size step at 1024 x 576 x 14 frames would take hours on 2 cores): --frames frames
 of --height x --width pixels. The numbers are the shape of the saving, not the GPU figure at full size.
-Command: python experiments/bench_svd_memory.py --frames=4 --height=256 --width=256   (all arms, ~10 min)
+Command: python experiments/bench_svd_memory.py --frames=4 --height=256 --width=256   (all arms, ~12 min)
+and at the official clip length: ... --arm=train_plain --frames=14 (and --arm=train_checkpointing --frames=14).
 """
 
 from __future__ import annotations
