@@ -141,6 +141,23 @@ def test_metrics_perfect_and_inverted():
     assert err_in.item() == pytest.approx(1.0)
 
 
+def test_fill_iou_partial_overlap_closed_form():
+    """IoU = |A & B| / |A | B|, checked where it is neither 1 nor 0 (item 19 of issue 15). The prediction (pixels
+    nearer the circle colour) is the left half of an 8x8 image. Against the top half: 16 / 48 = 1/3, where recall,
+    precision and a XOR union give 1/2; against the top-left quadrant: 16 / 32 = 1/2, where recall and the XOR union
+    give 1. Nothing predicted and nothing to predict counts as a perfect 1."""
+    circle, background = [(200, 30, 30)], [(10, 10, 240)]
+    image = torch.empty(1, 3, 8, 8)
+    image[:] = torch.tensor(background[0]).view(1, 3, 1, 1) / 255
+    image[..., :4] = torch.tensor(circle[0]).view(1, 3, 1, 1) / 255 + 0.04  # near the circle colour, not on it
+    top, quadrant = torch.zeros(1, 8, 8, dtype=torch.bool), torch.zeros(1, 8, 8, dtype=torch.bool)
+    top[:, :4], quadrant[:, :4, :4] = True, True
+    assert fill_iou(image, top, circle, background).item() == pytest.approx(1 / 3, abs=1e-7)
+    assert fill_iou(image, quadrant, circle, background).item() == pytest.approx(1 / 2, abs=1e-7)
+    plain = torch.tensor(background[0]).view(1, 3, 1, 1).expand(1, 3, 8, 8) / 255
+    assert fill_iou(plain, torch.zeros_like(top), circle, background).item() == 1.0
+
+
 # --- CLI --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

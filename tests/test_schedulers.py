@@ -114,7 +114,7 @@ EPS_D_LINEAR_T = EpsDenoiser(eps_net, ABAR, linear_t=True)  # t exactly as diffu
 # --- (1) trajectories equal diffusers' ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", STEPS)
-@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])  # 0.5: at 0 and 1, eta**2 == eta would pass as eta
 def test_ddim_matches_diffusers(n, eta):
     sch = DDIMScheduler.from_config(SD15_JSON)
     sch.set_timesteps(n)
@@ -277,6 +277,11 @@ def test_sd_training_noise_consistent():
     abar = ABAR[t].reshape(-1, 1, 1, 1)
     # v-parameterisation identity: x0 = sqrt(abar) x_t - sqrt(1 - abar) v (checkpoints.md §8)
     assert torch.allclose(abar.sqrt() * x_t - (1 - abar).sqrt() * v, x0, atol=1e-5)
+    # t ~ U{0, ..., 999}, the official trainers' torch.randint(0, T, (bsz,)): 50k draws reach both ends (a range that
+    # starts at 1 or stops at 998 passes the bounds check above)
+    t = training.sample_timesteps(50_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, torch.randint(0, 1000, (50_000,), generator=torch.Generator().manual_seed(0)))
+    assert t.min().item() == 0 and t.max().item() == 999
 
 
 def test_svd_training_noise():
