@@ -38,7 +38,7 @@ from controlnext.runs import (EMA, RunLog, load_checkpoint, make_run_dir, remove
                               step_generator)
 from controlnext.sd_pipeline import PRESETS as MODELS
 from controlnext.selection import SELECTIONS
-from controlnext.stages import LatentCache, build_stage, eval_set
+from controlnext.stages import LatentCache, build_stage, cast_frozen, eval_set
 
 NAMES = {"ablation": tuple(ABLATIONS), "sampler": tuple(SAMPLERS), "injection": tuple(INJECTIONS),
          "branch": tuple(BRANCHES), "trainable": tuple(SELECTIONS), "model": tuple(MODELS)}
@@ -141,6 +141,10 @@ def main(config: TrainConfig) -> dict:
                                         config.clip_skip)
 
     # --- optimizer ------------------------------------------------------------------------------------------------
+    if amp_dtype is not None:  # frozen tensors in the compute dtype, trainable ones fp32 masters (after the cache)
+        cast_frozen(stage, amp_dtype)
+    if config.compile:
+        stage.compile_networks()
     optimizer = torch.optim.AdamW(stage.param_groups(), betas=config.adam_betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     for group in optimizer.param_groups:
@@ -151,7 +155,8 @@ def main(config: TrainConfig) -> dict:
     log.resume_at(start)  # a resumed run keeps its metric rows up to the checkpoint
 
     def log_eval(step: int) -> dict:  # the fixed held-out set, fixed noise: curves comparable across runs
-        metrics, controls, images = stage.evaluate(evals, torch.Generator().manual_seed(config.eval_seed))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            metrics, controls, images = stage.evaluate(evals, torch.Generator().manual_seed(config.eval_seed))
         log.eval(step, metrics, controls, images)
         return metrics
 
