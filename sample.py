@@ -5,6 +5,7 @@
         --control=controlnet.safetensors --unet_weights=unet.safetensors --control_image=photo.png --canny \\
         --prompt="a city at night" --width=1024 --height=1024 --steps=20 --sampler=unipc --guidance_scale=5
     python sample.py --prompt="red circle with blue background"                  # the base alone (no control)
+    python sample.py --dtype=bf16 --compile        # bf16 weights under autocast (~1.9x on AVX512-BF16 CPUs), inductor
 
 Loads the pipeline (controlnext/sd_pipeline.py), LoRA files (controlnext/lora.py), the controls (controlnext/
 controls.py: train.py checkpoints, official ControlNeXt releases, several at once, each with its own image and scale)
@@ -30,6 +31,8 @@ from controlnext.metrics import fill50k_metrics
 from controlnext.runs import save_grid
 from controlnext.sampling import SAMPLERS
 from controlnext.sd_pipeline import load_sd, text_to_image
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class SampleConfig:
     fill_index: int = 0                # held-out procedural example (seed fill_seed) when no condition image is given
     fill_seed: int = 1                 # the training runs' eval_seed: held out from the training stream (seed 0)
     out: str = "samples.png"           # output PNG grid
+    dtype: str = "fp32"                # weights: "fp32", "bf16" or "fp16" (run under autocast; samplers stay fp32)
+    compile: bool = False              # torch.compile the UNet (the first step compiles: minutes on a CPU)
 
 
 def check(config: SampleConfig) -> None:
@@ -78,6 +83,8 @@ def check(config: SampleConfig) -> None:
         raise ValueError(f"--control_scale: {len(config.control_scale)} scales for {len(config.control)} controls")
     if config.lora_scale and len(config.lora_scale) != len(config.lora):
         raise ValueError(f"--lora_scale: {len(config.lora_scale)} multipliers for {len(config.lora)} LoRA files")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype={config.dtype!r}: expected one of {', '.join(DTYPES)}")
     if config.lora_mode not in ("merge", "adapter"):
         raise ValueError(f"--lora_mode={config.lora_mode!r}: expected 'merge' or 'adapter'")
     if not 0 <= config.control_start <= config.control_end <= 1:
@@ -89,7 +96,8 @@ def main(config: SampleConfig) -> dict:
     """Returns {"images": (B, 3, H, W) in [-1, 1], "metrics": fill metrics or {}}."""
     # --- load: the pipeline, LoRA files, controls and the UNet weights that come with them --------------------------
     check(config)
-    pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
+    dtype = DTYPES[config.dtype]
+    pipe = load_sd(config.pretrained, config.tokenizer or None, dtype=dtype, prediction_type=config.prediction_type)
     for i, path in enumerate(config.lora):
         towers = {f"text_encoder{'_2' if j else ''}": t for j, t in enumerate(pipe.text_encoders)}
         apply_lora(pipe.unet, towers, load_lora(path), config.lora_scale[i] if config.lora_scale else 1.0,
@@ -116,11 +124,16 @@ def main(config: SampleConfig) -> dict:
     scales = config.control_scale or tuple(c.scale for c in controls)
     batch = [(c.model, image.expand(config.batch, -1, -1, -1), scale) for c, image, scale in zip(controls, images, scales)]
 
-    # --- sample and decode -----------------------------------------------------------------------------------------------
-    result = text_to_image(pipe, [prompt] * config.batch, [config.negative_prompt] * config.batch, height=height,
-                           width=width, sampler=config.sampler, steps=config.steps, guidance_scale=config.guidance_scale,
-                           generator=torch.Generator().manual_seed(config.seed), controls=batch,
-                           control_window=(config.control_start, config.control_end), clip_skip=config.clip_skip)
+    # --- sample and decode (half-precision weights run under autocast: the sampler's arithmetic stays fp32) -----------
+    if config.compile:
+        pipe.unet.compile()  # in place; the control hook is traced into the UNet's graph
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        result = text_to_image(pipe, [prompt] * config.batch, [config.negative_prompt] * config.batch, height=height,
+                               width=width, sampler=config.sampler, steps=config.steps,
+                               guidance_scale=config.guidance_scale, generator=generator, controls=batch,
+                               control_window=(config.control_start, config.control_end),
+                               clip_skip=config.clip_skip).float()
 
     # --- save --------------------------------------------------------------------------------------------------------------
     shown = images[0].expand(config.batch, -1, -1, -1) if images else torch.zeros(config.batch, 3, height, width)
