@@ -12,6 +12,8 @@ controls.py: train.py checkpoints, official ControlNeXt releases, several at onc
 and the release UNet weights (absolute or ΔW, read off the file), then conditions -> CFG + control closure -> sampler
 -> VAE decode -> a grid of (condition | output). Paper: ControlNeXt §3 (inference: the control scale; the official
 SD1.5 example samples at 0.35, SDXL at 1.0). On procedural fill50k conditions it also prints the fill metrics.
+SD3 models (a diffusers StableDiffusion3Pipeline folder or single file) sample through main_sd3: --sampler=euler or
+heun, at most one control (a train.py SD3 run; a super-resolution run takes the low-res --control_image).
 Left out: the SVD video mode (sample.py's video twin is a later issue), img2img, inpainting.
 """
 
@@ -30,6 +32,8 @@ from controlnext.lora import apply_lora, load_lora
 from controlnext.metrics import fill50k_metrics
 from controlnext.runs import save_grid
 from controlnext.sampling import SAMPLERS
+from controlnext.sd3_pipeline import FLOW_SAMPLERS, is_sd3, load_sd3, text_to_image as sd3_text_to_image  # SD3
+from controlnext.sd3_stages import load_sd3_control, sd3_condition  # SD3 (issue 19)
 from controlnext.sd_pipeline import load_sd, text_to_image
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +68,9 @@ class SampleConfig:
     fill_seed: int = 1                 # the training runs' eval_seed: held out from the training stream (seed 0)
     out: str = "samples.png"           # output PNG grid
     dtype: str = "fp32"                # weights: "fp32", "bf16" or "fp16" (run under autocast; samplers stay fp32)
-    compile: bool = False              # torch.compile the UNet (the first step compiles: minutes on a CPU)
+    compile: bool = False              # torch.compile the UNet (SD models; the first step compiles: minutes on a CPU)
+    use_t5: bool = True                # SD3: load the T5 encoder (False: T5-less, zeros in its place)
+    t5_tokenizer: str = ""             # SD3 single files: a folder with spiece.model; "" = tokenizer_3/ beside the file
 
 
 def check(config: SampleConfig) -> None:
@@ -96,6 +102,8 @@ def main(config: SampleConfig) -> dict:
     """Returns {"images": (B, 3, H, W) in [-1, 1], "metrics": fill metrics or {}}."""
     # --- load: the pipeline, LoRA files, controls and the UNet weights that come with them --------------------------
     check(config)
+    if is_sd3(config.pretrained):  # SD3 models sample through controlnext/sd3_pipeline.py (issue 19)
+        return main_sd3(config)
     dtype = DTYPES[config.dtype]
     pipe = load_sd(config.pretrained, config.tokenizer or None, dtype=dtype, prediction_type=config.prediction_type)
     for i, path in enumerate(config.lora):
@@ -137,8 +145,14 @@ def main(config: SampleConfig) -> dict:
 
     # --- save --------------------------------------------------------------------------------------------------------------
     shown = images[0].expand(config.batch, -1, -1, -1) if images else torch.zeros(config.batch, 3, height, width)
+    return save(config, prompt, example, shown, result, len(controls))
+
+
+def save(config: SampleConfig, prompt: str, example: dict | None, shown, result, count: int) -> dict:
+    """The (condition | output) grid, and the fill metrics on a procedural example sampled with its own prompt."""
     save_grid(config.out, shown, result)
-    print(f"{prompt!r}: wrote {config.out} ({config.batch} x {width}x{height}, {len(controls)} control(s))")
+    size = f"{result.shape[-1]}x{result.shape[-2]}"
+    print(f"{prompt!r}: wrote {config.out} ({config.batch} x {size}, {count} control(s))")
     metrics = {}
     if example is not None and not config.control_image and not config.prompt:
         n = config.batch
@@ -146,6 +160,36 @@ def main(config: SampleConfig) -> dict:
                                   [example["circle_rgb"]] * n, [example["background_rgb"]] * n)
         print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return {"images": result, "metrics": metrics}
+
+
+def main_sd3(config: SampleConfig) -> dict:
+    """SD3 (issue 19): the flow pipeline, at most one control (a train.py run on an SD3 model: its arm, its condition
+    kind), CFG; no LoRA or release UNet files (none exist for ControlNeXt-SD3)."""
+    for field in ("lora", "unet_weights", "compile"):
+        if getattr(config, field):
+            raise ValueError(f"--{field}: not supported for SD3 models")
+    if config.dtype != "fp32":  # the SD3 path runs its MMDiT in the stored dtype, without autocast
+        raise ValueError(f"--dtype={config.dtype!r}: SD3 models sample in fp32 here")
+    if config.sampler not in FLOW_SAMPLERS or len(config.control) > 1:
+        raise ValueError(f"--sampler={config.sampler!r} / {len(config.control)} controls: SD3 samples with one of "
+                         f"{', '.join(FLOW_SAMPLERS)} and at most one control")
+    pipe = load_sd3(config.pretrained, config.tokenizer or None, config.t5_tokenizer or None, use_t5=config.use_t5)
+    control = load_sd3_control(config.control[0], pipe) if config.control else None
+    height = config.height or (control.resolution if control else pipe.config.resolution)
+    width = config.width or (control.resolution if control else pipe.config.resolution)
+    example = fill50k_example(config.fill_index, height, config.fill_seed) if height == width else None
+    prompt = config.prompt or (example["prompt"] if example else "")
+    shown, controls = torch.zeros(config.batch, 3, height, width), []
+    if control is not None:
+        image = config.control_image[0] if config.control_image else None
+        shown = sd3_condition(control, image, example, (height, width), config.canny).expand(config.batch, -1, -1, -1)
+        controls = [(control.model, shown, config.control_scale[0] if config.control_scale else control.scale)]
+    result = sd3_text_to_image(pipe, [prompt] * config.batch, [config.negative_prompt] * config.batch, height=height,
+                               width=width, sampler=config.sampler, steps=config.steps,
+                               guidance_scale=config.guidance_scale, controls=controls,
+                               generator=torch.Generator().manual_seed(config.seed), clip_skip=config.clip_skip,
+                               control_window=(config.control_start, config.control_end))
+    return save(config, prompt, example, shown, result, len(controls))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,15 @@ def check_finite(loss: float, params: dict, step: int, last_good: Path | None, l
     raise FloatingPointError(f"non-finite loss or gradient at step {step}; {where}")
 
 
+def grad_norms(stage) -> dict[str, float]:
+    """The gradient norm of each parameter group before clipping (the branch's and the UNet's; Fig. 3 diagnostics)."""
+    norms = {}
+    for group, params in stage.groups.items():
+        grads = [p.grad.detach().float().norm() for p in params.values() if p.grad is not None]
+        norms[f"grad_norm_{group}"] = torch.stack(grads).norm().item() if grads else 0.0
+    return norms
+
+
 def batch_for(dataset, config: TrainConfig, step: int, micro: int) -> tuple[torch.Generator, dict]:
     """Micro-batch `micro` of `step`: a pure function of (seed, step, micro), so resuming redraws the same batches."""
     g = step_generator(config.seed, step, micro)
@@ -186,6 +195,8 @@ def main(config: TrainConfig) -> dict:
         if scaler:
             scaler.unscale_(optimizer)
         check_finite(step_loss, params, step + 1, last_good, log)
+        logged = rank == 0 and (step + 1) % config.log_every == 0
+        diagnostics = {**grad_norms(stage), **stage.diagnostics(batch, g)} if logged else {}
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
         (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
@@ -195,7 +206,7 @@ def main(config: TrainConfig) -> dict:
         losses.append(step_loss)
         done = step + 1
         if rank == 0:
-            log.row(step=done, loss=step_loss, lr=optimizer.param_groups[0]["lr"])
+            log.row(step=done, loss=step_loss, lr=optimizer.param_groups[0]["lr"], **diagnostics)
             if done % config.log_every == 0 or done == config.max_steps:
                 rate = (done - start) / (time.time() - tic)
                 mem = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GB" if device.type == "cuda" else ""

@@ -3,7 +3,9 @@
 `python train.py [experiments/x.py] [--field=value | --field value]... [--dry_run]`. The experiment file is imported
 (importlib, not exec) and must define `config = TrainConfig(...)`. Values are parsed with ast.literal_eval and checked
 against the field's type hint; a `str` field also takes bare text (`--ablation=zero_conv`), a `bool` field alone
-(`--gradient_checkpointing`) means True. Unknown fields are errors. The resolved config round-trips through JSON
+(`--gradient_checkpointing`) means True; a `tuple[X, ...]` field takes a literal (`--control_scale="(0.5, 1.0)"`) or
+one item per flag, repeated flags appending (`--control=a.safetensors --control=b.safetensors`). Unknown fields are
+errors. The resolved config round-trips through JSON
 (config.json in the run folder and inside every checkpoint).
 Left out: YAML, nested configs, environment-variable overrides.
 """
@@ -50,6 +52,12 @@ def _coerce(value: object, hint: object) -> object:
     return float(value) if hint is float else value
 
 
+def _item_type(hint: object) -> object | None:
+    """X for a variable-length tuple[X, ...] hint, else None."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis else None
+
+
 def parse_value(cls: type, field: str, text: str | None) -> object:
     """The typed value of `--field=text` for dataclass `cls`; ValueError naming the field and its type otherwise."""
     hints = typing.get_type_hints(cls)
@@ -67,6 +75,9 @@ def parse_value(cls: type, field: str, text: str | None) -> object:
         value = text  # bare text: only valid for a str field (checked below)
     if not _matches(value, hint) and _matches(text, hint):
         value = text  # e.g. --experiment=123 for a str field
+    item = _item_type(hint)
+    if not _matches(value, hint) and item is not None:  # one item of a tuple[X, ...] field: --control=a.safetensors
+        value = (value,) if _matches(value, item) else (text,) if _matches(text, item) else value
     if not _matches(value, hint):
         raise ValueError(f"--{field}={text}: expected {hint}, got {type(value).__name__} {value!r}")
     return _coerce(value, hint)
@@ -88,7 +99,7 @@ def load_experiment(path: str | Path, cls: type) -> object:
 
 def parse_args(cls: type, argv: list[str]) -> tuple[object, bool]:
     """argv (without the program name) -> (resolved config, dry_run). The first non-flag argument is the experiment."""
-    config, overrides, dry_run, i = None, {}, False, 0
+    config, overrides, dry_run, i, repeated = None, {}, False, 0, set()
     names = {f.name for f in dataclasses.fields(cls)}
     while i < len(argv):
         arg = argv[i]
@@ -103,7 +114,10 @@ def parse_args(cls: type, argv: list[str]) -> tuple[object, bool]:
             if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--") and field in names \
                     and typing.get_type_hints(cls)[field] is not bool:
                 i, text = i + 1, argv[i + 1]  # "--field value"
-            overrides[field] = parse_value(cls, field, text if (eq or text) else None)
+            value = parse_value(cls, field, text if (eq or text) else None)
+            if field in repeated and _item_type(typing.get_type_hints(cls)[field]) is not None:
+                value = overrides[field] + value  # a repeated tuple flag appends: --control=a --control=b
+            overrides[field], repeated = value, repeated | {field}
         i += 1
     config = config if config is not None else cls()
     return dataclasses.replace(config, **overrides), dry_run

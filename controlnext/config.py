@@ -45,6 +45,8 @@ class TrainConfig:
     proportion_empty_prompts: float = 0.0  # prompt -> empty_prompt with this probability (official flag)
     empty_prompt: str = ""             # official SD1.5 trainer uses the literal "PBH"
     loss_weight_control: float = 1.0  # per-pixel loss weight where the condition is lit (1 = plain MSE)
+    noise_offset: float = 0.0          # offset noise strength (schedulers/training.py; 0 = the official trainers)
+    snr_gamma: float = 0.0             # Min-SNR-gamma loss weighting (schedulers/training.py; 0 = off, plain MSE)
     cache_latents: bool = False        # folder datasets: VAE posterior + text embeddings computed once, kept on disk
     # optimisation (official SD1.5: AdamW, lr 1e-5, branch 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8)
     max_steps: int = 400               # optimizer steps
@@ -70,6 +72,12 @@ class TrainConfig:
     sampler: str = "dpmpp_2m"          # controlnext/sampling.py SAMPLERS
     sampling_steps: int = 10
     guidance_scale: float = 2.0        # classifier-free guidance (needs a base trained with empty prompts)
+    # SD3 (--pretrained an SD3 model: controlnext/sd3_stages.py; issue 19)
+    control_source: str = "dataset"    # the condition: "dataset" (its control images) or "super_resolution" (the
+                                       # target area-downsampled sr_factor x, upsampled back bicubic; SD3 only)
+    sr_factor: int = 4                 # super_resolution: the downsampling factor
+    use_t5: bool = True                # load SD3's T5 encoder; False: T5-less (zeros, as SD3 allows; 9.5 GB less)
+    t5_tokenizer: str = ""             # SD3 single files: a folder with spiece.model; "" = tokenizer_3/ beside the file
     # bookkeeping
     experiment: str = ""               # run folder name; "" = "<stage>_<ablation>"
     out_dir: str = "runs"
@@ -78,7 +86,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"               # "auto" | "cpu" | "cuda"
     num_threads: int = 1               # torch CPU threads (small ops gain little from more and lose badly on shared
-                                       # cores: 0.7 vs 2.3 it/s measured on the toy); 0 = torch's default
+                                       # cores: 0.7 vs 2.3 it/s measured on a small model); 0 = torch's default
     resume: str = ""                   # a checkpoint .pt to continue from, in its own run folder
     progress: bool = True              # tqdm bar
 
@@ -88,7 +96,8 @@ RESUMABLE = {"max_steps", "resume", "eval_every", "log_every", "save_every", "pr
              "experiment", "out_dir", "compile"}
 STAGES = ("control", "base", "vae")
 CHOICES = {"stage": STAGES, "mixed_precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
-           "prediction_type": ("", "epsilon", "v_prediction")}
+           "prediction_type": ("", "epsilon", "v_prediction"),
+           "control_source": ("dataset", "super_resolution")}  # SD3 (issue 19)
 
 
 def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
@@ -107,8 +116,8 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
     for field in positive:
         if getattr(config, field) < 1:
             raise ValueError(f"--{field}={getattr(config, field)}: must be at least 1")
-    for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps",
-                  "eval_every", "num_threads", "clip_skip"):
+    for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps", "noise_offset",
+                  "snr_gamma", "eval_every", "num_threads", "clip_skip"):
         if getattr(config, field) < 0:
             raise ValueError(f"--{field}={getattr(config, field)}: must not be negative")
     if config.lr == 0 and config.control_lr == 0:

@@ -21,7 +21,7 @@ Left out: the official modules' unused constructor arguments and classes (BasicB
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -126,4 +126,18 @@ G1_SVD = ControlNeXtConfig(stem_padding=(1, 0, 0), stem_maxpool=True, res_channe
 G2_SVD_INFER = ControlNeXtConfig(stem_padding=(1, 0, 0))  # ControlNeXt-SVD-v2/models/controlnext_vid_svd.py stem
 TINY = ControlNeXtConfig(time_channels=16, emb_dim=32, stem_channels=(8, 8, 16), res_channels=(16, 32),
                          res_groups=(4, 8), out_channels=32)  # matches unet TINY's width 32 at down_0 / conv_in
-PRESETS = {"g2": G2, "g1_sd15": G1_SD15, "g1_svd": G1_SVD, "g2_svd_infer": G2_SVD_INFER, "tiny": TINY}
+# G1-SD15's structure (no stem, 3 ResBlocks, plain mid, learnable scale) at TINY's widths: the SD1.5 release form on
+# small UNets (the miniature SD1.5 in experiments/fig3_convergence.py).
+TINY_G1 = ControlNeXtConfig(time_channels=16, emb_dim=32, stem_channels=(), stem_padding=(), res_channels=(16, 32, 32),
+                            res_groups=(1, 8, 8), mid_residual=False, out_channels=64, learnable_scale=True)
+PRESETS = {"g2": G2, "g1_sd15": G1_SD15, "g1_svd": G1_SVD, "g2_svd_infer": G2_SVD_INFER, "tiny": TINY,
+           "tiny_g1": TINY_G1}
+SMALL = ("tiny", "tiny_g1")  # presets for small UNets: their output width follows the UNet's width at the site
+
+
+def branch_for(name: str, site_width: int) -> ControlNeXtConfig:
+    """Preset `name` for a UNet whose h has `site_width` channels at the injection site: the released presets as they
+    are (a width mismatch is the model's error to report), the small ones with out_channels = site_width."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown branch {name!r}; expected one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], out_channels=site_width) if name in SMALL else PRESETS[name]

@@ -66,7 +66,8 @@ SCALES = ("none", "raw", "sigmoid")  # Injection.scale
 
 @dataclass(frozen=True)
 class Injection:
-    site: str = "down_0"          # UNet hook site: "conv_in", "down_{k}", "mid_in" or "mid_out" (unet/sd_unet.py)
+    site: str = "down_0"          # hook site: UNet "conv_in", "down_{k}", "mid_in", "mid_out" (unet/sd_unet.py);
+                                  # MMDiT "block_{k}", after joint block k (mmdit/mmdit.py; sd3_controlnext.py)
     form: str = "official"        # how c meets h: "official" CN (the code's), "paper" CN (Eq. 8-10, learnable γ),
                                   # "plain" (pooled, added as is), "zero_conv" (zero-init 1x1 conv, then as plain)
     eps: float = 1e-12            # added to the control's std (official); to the variance in the paper form
@@ -76,8 +77,9 @@ class Injection:
     control_uncond: bool = True   # official pipelines: does the CFG uncond half get the control too?
 
     def __post_init__(self):
-        if not re.fullmatch(r"conv_in|down_\d+|mid_in|mid_out", self.site):
-            raise ValueError(f"Injection.site must be conv_in, down_<k>, mid_in or mid_out, got {self.site!r}")
+        if not re.fullmatch(r"conv_in|down_\d+|mid_in|mid_out|block_\d+", self.site):
+            raise ValueError(f"Injection.site must be conv_in, down_<k>, mid_in, mid_out or block_<k>, "
+                             f"got {self.site!r}")
         if self.form not in FORMS:
             raise ValueError(f"Injection.form must be one of {FORMS}, got {self.form!r}")
         if self.scale not in SCALES:
@@ -185,7 +187,16 @@ SVD_V1 = Injection(site="mid_in", eps=1e-5, pool_first=False, gain=1.3, scale="s
 # ControlNeXt-SVD-v2/models/unet_spatio_temporal_condition_controlnext.py:457-464 — after down_blocks[0], CN eps 1e-5,
 # pool, k = scale * 0.2 (the hand-tuned "control level"); the pipeline zeroes k on the CFG uncond half.
 SVD_V2 = Injection(site="down_0", eps=1e-5, pool_first=False, gain=0.2, control_uncond=False)
-PRESETS = {"sd15_train": SD15_TRAIN, "sd15_release": SD15_RELEASE, "sdxl": SDXL, "svd_v1": SVD_V1, "svd_v2": SVD_V2}
+# Not an official variant: the training form at the release's site (after the mid block), for the site ablation of
+# experiments/fig3_convergence.py (issue 18).
+SD15_TRAIN_MID = replace(SD15_TRAIN, site="mid_out")
+# Ours (issue 19; the SD3 model was never released): after joint block 0 of the MMDiT, the official CN form on the
+# image tokens (per-sample statistics over tokens x channels), eps 1e-5 as the SVD copies (1e-12 is below fp16's
+# smallest subnormal, and SD3 trains in half precision), k = scale: control level 1, which the authors give for dense
+# controls such as super-resolution and depth. controlnext/sd3_controlnext.py explains the choices.
+SD3 = Injection(site="block_0", eps=1e-5, pool_first=True)
+PRESETS = {"sd15_train": SD15_TRAIN, "sd15_release": SD15_RELEASE, "sdxl": SDXL, "svd_v1": SVD_V1, "svd_v2": SVD_V2,
+           "sd15_train_mid": SD15_TRAIN_MID, "sd3": SD3}
 
 
 # --- the `--ablation` arms: what each changes in the injection preset; None = the ControlNet baseline

@@ -26,7 +26,7 @@ from controlnext import cli
 from controlnext.canny import canny_control
 from controlnext.checkpoint import KeyMap, load_into, read_metadata, read_state
 from controlnext.config import TrainConfig
-from controlnext.control_branch import PRESETS as BRANCHES, ControlNeXtConfig
+from controlnext.control_branch import PRESETS as BRANCHES, ControlNeXtConfig, branch_for
 from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, build_controlled_unet
 from controlnext.data import load_image
 from controlnext.keymap import CONTROL_BRANCH_ROWS, UNET_ROWS
@@ -34,6 +34,7 @@ from controlnext.releases import detect_control_branch, load_unet_weights
 from controlnext.sd_pipeline import StableDiffusion
 from controlnext.selection import select_trainable
 from unet.keymap import unet_original_rows
+from unet.sd_unet import control_sites
 
 # The official release injection of each branch generation, per family (controlnext.md §0).
 RELEASE_INJECTION = {("g1_sd15", "sd1"): "sd15_release", ("g2", "sd1"): "sd15_train", ("g2", "sd2"): "sd15_train",
@@ -58,10 +59,9 @@ def from_run(path: Path, pipe: StableDiffusion) -> LoadedControl:
     if config.stage != "control":
         raise ValueError(f"{path}: a {config.stage}-stage checkpoint holds a base model, not a control: "
                          "pass its run's model.safetensors as --pretrained")
-    branch = BRANCHES[config.branch]
-    if branch.out_channels != pipe.config.unet.channels[0] and config.branch == "tiny":
-        branch = replace(branch, out_channels=pipe.config.unet.channels[0])  # as stages.ControlStage builds it
-    model = build_controlled_unet(config.ablation, pipe.unet, branch, INJECTIONS[config.injection])
+    injection = INJECTIONS[config.injection]
+    branch = branch_for(config.branch, control_sites(pipe.config.unet)[injection.site])  # as stages.ControlStage
+    model = build_controlled_unet(config.ablation, pipe.unet, branch, injection)
     select_trainable(pipe.unet, config.trainable)  # adds the LoRA modules a lora:R run trained, if any
     pipe.unet.requires_grad_(False)
     load_into(model, read_state(path), what=f"trained tensors from {path}", mode="partial")

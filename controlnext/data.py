@@ -50,7 +50,7 @@ COLOR_WORDS = (
 COLORS: dict[str, tuple[int, int, int]] = {
     words: ImageColor.getrgb(words.replace(" ", "")) for words in COLOR_WORDS}  # prompt words -> RGB
 PROMPT_TEMPLATE = "{circle} circle with {background} background"  # fill50k.md "Prompt"
-# Every word of the fill50k prompts: the toy text encoder's vocabulary (encoders/toy_text.py).
+# Every word of the fill50k prompts: the vocabulary of fill50k_tokenizer below.
 VOCAB = tuple(sorted({w for name in COLOR_WORDS for w in name.split()} | {"circle", "with", "background"}))
 
 

@@ -1,4 +1,4 @@
-"""Sampling glue: conditions -> denoiser closure (CFG + control) -> sampler; the toy's pixel codec (STYLE.md §5).
+"""Sampling glue: conditions -> denoiser closure (CFG + control) -> sampler (STYLE.md §5).
 
 CFG (Ho & Salimans 2022, Eq. 6) and control are a closure around the network, built here, so the samplers in
 schedulers/samplers.py stay stateless and condition-free. The uncond and cond halves run as one doubled batch, uncond
@@ -9,7 +9,7 @@ condition image and run the whole branch at 2B every step; the outputs agree, te
 enters both halves unless the preset says the official pipeline left the uncond half uncontrolled (`control_uncond`,
 ../shared/reference/controlnext.md §2.4). Several ControlNeXt controls on one UNet are summed at their sites, each
 normalised against the same uncontrolled h (no official release does this; diffusers' MultiControlNet likewise sums
-its residuals). The toy's latent codec is a fixed space-to-depth (pixel unshuffle) of the RGB image.
+its residuals).
 Left out: the SD VAE decode path and CLIP prompt encoding (issue for the SD1.5/SDXL recipes), guidance rescale.
 """
 
@@ -42,16 +42,6 @@ SAMPLERS = {
 
 # (a controlled model around the sampled UNet, its control image (B, 3, H, W) or video (B, F, 3, H, W), its scale)
 Control = tuple[nn.Module, Tensor, float]
-
-
-def encode_pixels(images: Tensor, factor: int) -> Tensor:
-    """The toy's identity codec: space-to-depth. (B, 3, H, W) -> (B, 3 f^2, H/f, W/f)."""
-    return F.pixel_unshuffle(images, factor)
-
-
-def decode_pixels(latents: Tensor, factor: int) -> Tensor:
-    """Depth-to-space, the inverse of encode_pixels. (B, 3 f^2, h, w) -> (B, 3, h f, w f)."""
-    return F.pixel_shuffle(latents, factor)
 
 
 def summed_controls(controls: Sequence[tuple[ControlNeXtUNet, Tensor, float | Tensor]], frames: int) -> ControlHook:

@@ -131,15 +131,20 @@ def fuse_qkv(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def original_mmdit_state(model: MMDiT) -> dict[str, Tensor]:
+    """The MMDiT's tensors as an original single file holds them: `model.diffusion_model.` keys in the mmditx.py
+    layout (fused qkv, (shift, scale) adaLN order), ready to merge with the other components of one file."""
+    renamed, _ = KeyMap(export_rows(model.config.depth)).inverse().apply(fuse_qkv(model.state_dict()))
+    return {ORIGINAL_MMDIT_PREFIX + k: v for k, v in renamed.items()}
+
+
 def save_mmdit(model: MMDiT, path: str | Path, layout: str = "diffusers") -> None:
     """Write the MMDiT for other tools: "diffusers" -> a transformer/ folder (config.json + weights, loadable by
-    diffusers' SD3Transformer2DModel.from_pretrained); "original" -> one .safetensors with `model.diffusion_model.`
-    keys in the mmditx.py layout (fused qkv, (shift, scale) adaLN order)."""
+    diffusers' SD3Transformer2DModel.from_pretrained); "original" -> one .safetensors (original_mmdit_state)."""
     if layout == "diffusers":
         _write_folder(path, config_to_diffusers(model.config), model.state_dict())
     elif layout == "original":
-        renamed, _ = KeyMap(export_rows(model.config.depth)).inverse().apply(fuse_qkv(model.state_dict()))
-        save_state({ORIGINAL_MMDIT_PREFIX + k: v for k, v in renamed.items()}, path)
+        save_state(original_mmdit_state(model), path)
     else:
         raise ValueError(f"unknown layout {layout!r} (expected 'diffusers' or 'original')")
 

@@ -24,6 +24,7 @@ SELECTIONS = {
     "attn2_to_out": r"attn2\..*to_out\.",  # cross-attention output projections only: official SDXL-Training
     "to_out_to_v": r"\.(to_out|to_v)\.",   # the commented-out SVD-v2-Training selection
     "all": r"",                            # the whole UNet: official SVD-v2-Training, ControlNeXt-F
+    "joint_to_out": r"\.attn\.to(_add)?_out\.",  # MMDiT: both streams' joint-attention outputs (ours, issue 19)
 }
 LORA_DEFAULT_SELECTION = "to_out"  # `lora:R` alone puts adapters where the official SD1.5 code trains weights
 

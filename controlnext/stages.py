@@ -13,7 +13,8 @@ same loop and torch's DistributedDataParallel wraps it as is (only the tensors w
 Evaluation (rank 0): the fixed held-out fill50k set sampled through the whole pipeline and decoded by the VAE,
 scored with controlnext/metrics.py. `--cache_latents`: folder datasets are encoded once (VAE posterior moments and
 text embeddings, on disk in the run folder); the posterior is still sampled at every step, so the loss is unchanged.
-Left out: SVD and SD3 stages (their own issues), aspect-ratio buckets (images are centre-cropped to a square).
+SD3 models train through controlnext/sd3_stages.py (build_stage dispatches).
+Left out: SVD stages (their own issue), aspect-ratio buckets (images are centre-cropped to a square).
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ from torch import Tensor, nn
 
 from controlnext.checkpoint import read_state, save_state
 from controlnext.config import TrainConfig
-from controlnext.control_branch import PRESETS as BRANCHES
+from controlnext.control_branch import branch_for
 from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
 from controlnext.controlnet import ControlNetUNet
-from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
+from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, align, build_controlled_unet, run_unet
 from controlnext.metrics import fill50k_metrics
+from controlnext.sd3_pipeline import is_sd3  # SD3 dispatch (issue 19)
+from controlnext.sd3_stages import build_sd3_stage  # SD3 dispatch (issue 19)
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
 from schedulers.sigmas import make_alphas_cumprod
-from schedulers.training import sd_training_noise
+from schedulers.training import min_snr_weight, sd_training_noise
+from unet.sd_unet import control_sites
 
 # The official recipe of each family: (injection preset, UNet selection) (controlnext.md §3, §4.1-4.2).
 RECIPES = {"sd1": ("sd15_train", "to_out"), "sd2": ("sd15_train", "to_out"), "sdxl": ("sdxl", "attn2_to_out")}
@@ -80,6 +84,14 @@ def loss_weight_map(control: Tensor, weight: float, factor: int) -> Tensor | Non
     return F.avg_pool2d(1 + (weight - 1) * mask, factor)  # (B, 1, H/f, W/f)
 
 
+def weighted_mean(err: Tensor, t: Tensor, alphas_cumprod: Tensor, config: TrainConfig, prediction_type: str) -> Tensor:
+    """The batch loss: the mean squared error, per sample weighted by Min-SNR-gamma when --snr_gamma is set."""
+    if not config.snr_gamma:
+        return err.mean()
+    w = min_snr_weight(t.cpu(), alphas_cumprod.cpu(), config.snr_gamma, prediction_type).to(err.device)  # (B,)
+    return (err.flatten(1).mean(1) * w).mean()
+
+
 class LatentCache:
     """VAE posterior moments and text embeddings of every item of a dataset, computed once and kept on disk."""
 
@@ -121,10 +133,9 @@ class ControlStage(nn.Module):
                                        trainable=trainable if config.trainable == "auto" else config.trainable,
                                        branch=branch if config.branch == "auto" else config.branch)
         self.pipe = pipe.requires_grad_(False)
-        branch_config = BRANCHES[config.branch]
-        if branch_config.out_channels != width and config.branch == "tiny":
-            branch_config = replace(branch_config, out_channels=width)  # a small branch follows a small UNet's width
-        self.model = build_controlled_unet(config.ablation, pipe.unet, branch_config, INJECTIONS[config.injection])
+        injection = INJECTIONS[config.injection]
+        branch_config = branch_for(config.branch, control_sites(pipe.config.unet)[injection.site])
+        self.model = build_controlled_unet(config.ablation, pipe.unet, branch_config, injection)
         if isinstance(self.model, ControlNetUNet):  # the encoder copy recomputes its blocks too, as diffusers' does
             self.model.controlnet.gradient_checkpointing = config.gradient_checkpointing
         unet = select_trainable(pipe.unet, config.trainable)
@@ -168,13 +179,32 @@ class ControlStage(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator) -> Tensor:
         x0, context, y = self.conditions(batch, generator)
         x_t, t, target = sd_training_noise(x0.cpu(), self.alphas_cumprod.cpu(), self.pipe.config.schedule.prediction_type,
-                                           generator=generator)
+                                           generator=generator, noise_offset=self.config.noise_offset)
         device = x0.device
         pred = self.model(x_t.to(device), t.to(device), context, batch["control"].to(device),
                           y=None if y is None else y.to(device), scale=self.config.control_scale)
         err = (pred.float() - target.to(device)).square()  # (B, 4, h, w)
         weight = loss_weight_map(batch["control"], self.config.loss_weight_control, 8)
-        return (err * weight.to(device)).mean() if weight is not None else err.mean()
+        return weighted_mean(err if weight is None else err * weight.to(device), t, self.alphas_cumprod, self.config,
+                             self.pipe.config.schedule.prediction_type)
+
+    @torch.no_grad()
+    def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        """What the control does at the site, on a training batch (issue 18): the size of the added term relative to h,
+        ||k CN(h, c)|| / ||h||, and its direction, cos(k CN(h, c), h), per-sample means. h is taken from an uncontrolled
+        pass (equal to the controlled one up to the site). {} for the ControlNet arm (no single site)."""
+        if not isinstance(self.model, ControlNeXtUNet):
+            return {}
+        x0, context, y = self.conditions(batch, generator)
+        x_t, t, _ = sd_training_noise(x0.cpu(), self.alphas_cumprod.cpu(), self.pipe.config.schedule.prediction_type,
+                                      generator=generator)
+        x_t, t, site, seen = x_t.to(x0.device), t.to(x0.device), self.model.injection.site, {}
+        run_unet(self.pipe.unet, x_t, t, context, y, lambda s, h: seen.setdefault(s, h))  # observe only
+        h = seen[site].flatten(1)  # (B, C*h*w)
+        c = self.model.features(self.model.prepare(batch["control"].to(x0.device)), t)
+        term = (self.model.strength(self.config.control_scale) * align(seen[site], c, self.model.injection)).flatten(1)
+        return {"term_ratio": (term.norm(dim=1) / h.norm(dim=1)).mean().item(),
+                "term_cosine": F.cosine_similarity(term, h, dim=1).mean().item()}
 
     @torch.no_grad()
     def evaluate(self, evals: dict, generator: torch.Generator) -> tuple[dict, Tensor, Tensor]:
@@ -224,15 +254,19 @@ class BaseStage(nn.Module):
         for tower in self.pipe.text_encoders:
             tower.compile()
 
+    def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        return {}
+
     def forward(self, batch: dict, generator: torch.Generator) -> Tensor:
         pipe, device = self.pipe, self.alphas_cumprod.device
         with torch.no_grad():
             x0 = sample_latents(pipe, batch["image"].to(device), generator)
         context, _ = pipe.encode_prompt(batch["prompt"], self.config.clip_skip)  # with gradients: the tower trains
         x_t, t, target = sd_training_noise(x0.cpu(), self.alphas_cumprod.cpu(), pipe.config.schedule.prediction_type,
-                                           generator=generator)
+                                           generator=generator, noise_offset=self.config.noise_offset)
         pred = pipe.unet(x_t.to(device), t.to(device), context)
-        return (pred.float() - target.to(device)).square().mean()
+        return weighted_mean((pred.float() - target.to(device)).square(), t, self.alphas_cumprod, self.config,
+                             pipe.config.schedule.prediction_type)
 
     @torch.no_grad()
     def evaluate(self, evals: dict, generator: torch.Generator) -> tuple[dict, Tensor, Tensor]:
@@ -265,6 +299,9 @@ class VAEStage(nn.Module):
         vae = self.pipe.vae
         for block in [*vae.encoder.down_blocks, vae.encoder.mid_block, vae.decoder.mid_block, *vae.decoder.up_blocks]:
             block.compile()
+
+    def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        return {}
 
     @torch.no_grad()
     def export(self, run: Path, ema) -> Path:
@@ -305,6 +342,10 @@ STAGE_CLASSES = {"control": ControlStage, "base": BaseStage, "vae": VAEStage}
 
 def build_stage(config: TrainConfig) -> nn.Module:
     """The stage's module with its pipeline: loaded (control), or built from the `model` preset (base, vae)."""
+    if config.stage == "control" and is_sd3(config.pretrained):  # SD3 models: their own stage (issue 19)
+        return build_sd3_stage(config)
+    if config.control_source != "dataset":  # SD3 dispatch (issue 19): the other stages read the dataset's controls
+        raise ValueError(f"--control_source={config.control_source!r}: implemented for SD3 models only")
     if config.stage == "control":
         pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     else:

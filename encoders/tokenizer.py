@@ -94,6 +94,19 @@ def split_words(text: str) -> list[str]:
     return words
 
 
+def merge_pair(parts: list[str], pair: tuple[str, str]) -> list[str]:
+    """Every occurrence of `pair` in `parts` merged into one symbol, left to right (one BPE merge)."""
+    merged, i = [], 0
+    while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+            merged.append(parts[i] + parts[i + 1])
+            i += 2
+        else:
+            merged.append(parts[i])
+            i += 1
+    return merged
+
+
 class CLIPTokenizer:
     """vocab (token -> id) + ranked merges -> ids. Call it on a prompt or a list of prompts to get (B, length) ids."""
 
@@ -153,15 +166,7 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(parts):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            parts = merge_pair(parts, best)
         self.cache[word] = parts
         return parts
 
@@ -229,15 +234,8 @@ def learn_bpe(texts: list[str], num_merges: int, pad_token: str = EOS) -> CLIPTo
         merges.append(best)
         merged: dict[tuple[str, ...], int] = {}
         for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):  # merge every occurrence of `best`, left to right
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+            out = tuple(merge_pair(list(word), best))
+            merged[out] = merged.get(out, 0) + count
         words = merged
     symbols = list(table.values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges] + [BOS, EOS]

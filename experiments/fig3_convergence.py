@@ -1,27 +1,35 @@
-"""Fig. 3: how fast does each way of injecting the control converge on the fill50k toy?
+"""Fig. 3 done rigorously: does cross normalization converge faster than zero-conv? On the miniature SD1.5.
 
 Question: the paper (ControlNeXt, arXiv 2408.06070, §3.2 and Fig. 3) claims that cross normalization fits within a
 few hundred steps with no "sudden convergence", where zero-initialised connections (ControlNet) wait thousands.
-Protocol: on the frozen toy base (experiments/weights/toy_base.safetensors), train each arm of `--ablation`
-(cross_norm, zero_conv, no_norm, paper_norm, controlnet) with 3 seeds; within a seed every arm has the same
-initialisation seed, data order, batch, steps and learning rates (train.py defaults otherwise; the UNet selection is
-each method's own: `to_out` for the ControlNeXt arms, none for ControlNet); fill IoU on the fixed held-out set
-every `eval_every` steps (train.py's evaluation). Outputs in `--results`: curves.png (mean and min..max band over
-seeds), samples.png (seed 0, condition | output at matching steps), table.md (steps to IoU >= 0.5 and >= 0.8),
-curves.json (every evaluation).
+Protocol (issue 18), on the frozen miniature SD1.5 (experiments/weights/mini_sd15.safetensors: VAE latents, epsilon
+prediction on SD1.5's schedule, a CLIP-style text tower) and procedural fill50k at 64 px:
+1. learning-rate sweep: every arm (cross_norm, zero_conv, no_norm, paper_norm, controlnet) at each --lr in LRS, the
+   branch at the official 10x (--control_lr), on tuning seeds that are not reported; the best lr per arm is the one
+   with the highest mean IoU over its last two evaluations;
+2. the reported runs: every arm at its own best lr on 5 seeds (init and data order; identical data order per seed
+   across arms), IoU on 32 fixed held-out conditions every --eval_every steps; diagnostics every log_every steps
+   (|k CN(h, c)| / |h| and cos(k CN(h, c), h) at the site, the branch's gradient norm: controlnext/stages.py);
+3. sensitivity of cross_norm: control scale 0.1 and 0.3 (1.0 is the reported arm), the site (mid_out instead of
+   down_0, the training form), and the official SD1.5 *release* form (learned scale, after the mid block);
+4. a rerun of cross_norm on other seeds, to see whether it lands inside the reported intervals.
+The UNet selection is each method's own: `to_out` for the ControlNeXt arms (official SD1.5), none for ControlNet
+(its encoder copy trains on a locked UNet, Zhang et al. 2023 §3.2). Two single-thread runs at a time on 2 cores.
+Outputs in --results: table.md (steps to IoU 0.5 / 0.7, IoU at 250 / 500 / 1000 with bootstrap 95% intervals, the
+sweep, the sensitivity rows, the rerun check, CPU time), curves.png, diagnostics.png, sensitivity.png, curves.json.
 Commands:
-    nohup python experiments/fig3_convergence.py > runs/fig3.log 2>&1 &         # CPU, 2 runs at a time, ~1 h
-    python experiments/fig3_convergence.py --parallel=1 --device=cuda --max_steps=3000 --batch_size=64 \
-        --resolution=128 --base_weights=<a base trained at 128 px>              # GPU: any train.py field as a flag
-    python experiments/fig3_convergence.py --smoke --base_weights=<file> ...     # tests/test_experiments.py
-Expected (paper): cross_norm reaches the thresholds first; zero_conv and controlnet later and abruptly.
+    nohup python experiments/fig3_convergence.py > runs/fig3.log 2>&1 &               # CPU, ~70 min on 2 cores
+    python experiments/fig3_convergence.py --parallel=1 --device=cuda --batch_size=24 --resolution=512 \\
+        --pretrained=v1-5-pruned-emaonly.safetensors --tokenizer=tokenizer/ --dataset=data/fill50k \\
+        --branch=g2 --max_steps=3000 --eval_every=250 --lrs="(1e-5, 3e-5, 1e-4)"    # the paper-scale version (GPU)
+    python experiments/fig3_convergence.py --smoke --pretrained=<tiny file>              # tests/test_experiments.py
 """
+
+from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -31,69 +39,129 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `protocol` beside th
 import protocol  # noqa: E402
 
 ARMS = ("cross_norm", "zero_conv", "no_norm", "paper_norm", "controlnet")
-# Each method's own recipe where it has one: ControlNet trains its encoder copy on a locked UNet (Zhang et al. 2023
-# §3.2), while the ControlNeXt arms train the branch plus train.py's default UNet selection (`to_out`, the official
-# SD1.5 recipe). A --trainable flag given on the command line overrides this for every arm.
 ARM_OVERRIDES = {"controlnet": ["--trainable=none"]}
+SENSITIVITY = {"cross_norm, k=0.1": ["--control_scale=0.1"], "cross_norm, k=0.3": ["--control_scale=0.3"],
+               "cross_norm at mid_out": ["--injection=sd15_train_mid"],
+               "release form (mid_out, learned scale)": ["--injection=sd15_release", "--branch=tiny_g1"]}
+DIAGNOSTICS = ("term_ratio", "term_cosine", "grad_norm_control")
 
 
-def parse_args(argv: list[str], description: str, arms: tuple, max_steps: int, eval_every: int):
-    """Protocol flags; every other `--field=value` is handed to train.py unchanged (resolution, device, lr, ...)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--arms", default=repr(arms), help="tuple of arm names")
-    parser.add_argument("--seeds", default="(0, 1, 2)", help="tuple of seeds (init and data order)")
-    parser.add_argument("--max_steps", type=int, default=max_steps)
-    parser.add_argument("--eval_every", type=int, default=eval_every)
+def parse_args(argv: list[str]):
+    """Protocol flags; every other `--field=value` goes to train.py unchanged (resolution, device, dataset, ...)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", default=repr(ARMS), help="tuple of arm names")
+    parser.add_argument("--lrs", default="(1e-4, 3e-4, 1e-3)", help="--lr values of the sweep (branch at 10x)")
+    parser.add_argument("--tune_seeds", default="(100,)", help="seeds of the sweep (not reported)")
+    parser.add_argument("--seeds", default="(0, 1, 2, 3, 4)", help="reported seeds")
+    parser.add_argument("--check_seeds", default="(10, 11, 12)", help="cross_norm rerun on other seeds; () = none")
+    parser.add_argument("--sensitivity_seeds", default="(0, 1, 2)", help="seeds of the sensitivity runs; () = none")
+    parser.add_argument("--max_steps", type=int, default=1000)
+    parser.add_argument("--tune_steps", type=int, default=500)
+    parser.add_argument("--sensitivity_steps", type=int, default=500)
+    parser.add_argument("--eval_every", type=int, default=50)
+    parser.add_argument("--at", default="(250, 500, 1000)", help="steps whose IoU the table reports")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (subprocesses); 1 = in-process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--runs_dir", default="", help="train.py run folders; default runs/<script>")
-    parser.add_argument("--results", default="", help="figures and tables; default experiments/results/<script>")
-    parser.add_argument("--smoke", action="store_true", help="1 seed, 2 steps, tiny evaluation, in-process (tests)")
+    parser.add_argument("--runs_dir", default="", help="train.py run folders; default runs/fig3_convergence")
+    parser.add_argument("--results", default="", help="figures and tables; default experiments/results/fig3_convergence")
+    parser.add_argument("--smoke", action="store_true", help="2 arms, 1 lr, 1 seed, 2 steps, in-process (tests)")
     args, train_args = parser.parse_known_args(argv)
-    args.arms, args.seeds = ast.literal_eval(args.arms), ast.literal_eval(args.seeds)
+    for name in ("arms", "lrs", "tune_seeds", "seeds", "check_seeds", "sensitivity_seeds", "at"):
+        setattr(args, name, ast.literal_eval(getattr(args, name)))
     if args.smoke:
-        args.seeds, args.max_steps, args.eval_every, args.parallel = (0,), 2, 1, 1
-        train_args = ["--batch_size=2", "--eval_count=2", "--sampling_steps=2", "--warmup_steps=1", *train_args]
+        args.arms, args.lrs, args.tune_seeds, args.seeds = ("cross_norm", "zero_conv"), (1e-3,), (100,), (0,)
+        args.check_seeds, args.sensitivity_seeds, args.parallel, args.at = (1,), (0,), 1, (2,)
+        args.max_steps = args.tune_steps = args.sensitivity_steps = 2
+        args.eval_every = 1
+        train_args = ["--batch_size=2", "--eval_count=2", "--sampling_steps=2", "--warmup_steps=1", "--log_every=1",
+                      *train_args]
     bad = [a for a in train_args if not a.startswith("--")]
     if bad:
         raise ValueError(f"unexpected arguments {bad}: train.py fields are passed as --field=value")
-    return args, [*train_args, f"--eval_every={args.eval_every}"]
-
-
-def header(script: str, argv: list[str], train_args: list[str], wall: float) -> list[str]:
-    """Command, wall time and machine load, and which base weights (by content hash) every arm started from."""
-    base = next((a.split("=", 1)[1] for a in train_args if a.startswith("--base_weights=")),
-                "experiments/weights/toy_base.safetensors")  # train.TrainConfig's default
-    path = Path(base) if Path(base).is_absolute() else protocol.ROOT / base
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
-    return [f"command: python experiments/{script} {shlex.join(argv)}",
-            f"wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores (load average at the end "
-            f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}); base weights {base} (sha256 {digest}...)"]
+    defaults = ["--batch_size=16", "--log_every=25"]  # the budget: 2 x 1 thread, ~70 min; a flag overrides them
+    given = {a.split("=")[0] for a in train_args}
+    return args, [*(d for d in defaults if d.split("=")[0] not in given), *train_args]
 
 
 def main(argv: list[str]) -> dict:
     tic = time.time()
-    args, train_args = parse_args(argv, __doc__.splitlines()[0], ARMS, max_steps=500, eval_every=50)
+    args, train_args = parse_args(argv)
     runs_dir = Path(args.runs_dir or protocol.ROOT / "runs" / "fig3_convergence")
     results = Path(args.results or protocol.ROOT / "experiments" / "results" / "fig3_convergence")
     results.mkdir(parents=True, exist_ok=True)
-    jobs = {f"{arm}_s{seed}": [f"--ablation={arm}", f"--seed={seed}", *ARM_OVERRIDES.get(arm, []), *train_args]
-            for seed in args.seeds for arm in args.arms}  # seed-major: every arm of seed 0 finishes first
-    runs = protocol.run_grid(jobs, runs_dir, args.max_steps, args.parallel, args.threads)
-    curves = {arm: [protocol.read_curve(runs[f"{arm}_s{seed}"]) for seed in args.seeds] for arm in args.arms}
+    common = lambda steps, every: [*train_args, f"--max_steps={steps}", f"--eval_every={every}"]  # noqa: E731
+    lr_flags = lambda lr: [f"--lr={lr}", f"--control_lr={10 * lr}"]  # noqa: E731 - the official 10x ratio
 
-    steps = sorted({s for c in curves[args.arms[0]] for s, _ in c})
-    shown = [steps[round(i * (len(steps) - 1) / 4)] for i in range(5)] if len(steps) > 5 else steps
-    protocol.plot_curves(results / "curves.png", curves, f"fill50k toy: held-out fill IoU vs step "
-                         f"(mean, min..max over seeds {list(args.seeds)})")
-    protocol.sample_strip(results / "samples.png", {a: runs[f"{a}_s{args.seeds[0]}"] for a in args.arms}, shown)
-    lines = header(Path(__file__).name, argv, train_args, time.time() - tic) + [
-        f"train.py overrides: {shlex.join(train_args)} --max_steps={args.max_steps}; per arm: {ARM_OVERRIDES}",
-        *protocol.config_differences(runs), "", *protocol.steps_to_table(curves)]
+    # 1. the learning-rate sweep, on seeds that are not reported
+    tune = {f"tune_{arm}_lr{lr:g}_s{seed}": [f"--ablation={arm}", f"--seed={seed}", *lr_flags(lr),
+                                               *ARM_OVERRIDES.get(arm, []),
+                                               *common(args.tune_steps, max(1, args.tune_steps // 5))]
+            for seed in args.tune_seeds for arm in args.arms for lr in args.lrs}
+    tuned = protocol.run_grid(tune, runs_dir, args.parallel, args.threads)
+
+    def score(arm: str, lr: float) -> float:  # mean IoU over the last two evaluations, over the tuning seeds
+        curves = [protocol.read_curve(tuned[f"tune_{arm}_lr{lr:g}_s{s}"]) for s in args.tune_seeds]
+        return sum(v for c in curves for _, v in c[-2:]) / sum(len(c[-2:]) for c in curves)
+
+    best = {arm: max(args.lrs, key=lambda lr: score(arm, lr)) for arm in args.arms}
+
+    # 2. the reported runs; 3. sensitivity; 4. the rerun check
+    report = {f"{arm}_s{seed}": [f"--ablation={arm}", f"--seed={seed}", *lr_flags(best[arm]), *ARM_OVERRIDES.get(arm, []),
+                                 *common(args.max_steps, args.eval_every)] for seed in args.seeds for arm in args.arms}
+    lr = best.get("cross_norm", args.lrs[0])
+    sensitivity = {f"sens{i}_s{seed}": ["--ablation=cross_norm", f"--seed={seed}", *lr_flags(lr), *flags,
+                                        *common(args.sensitivity_steps, args.eval_every)]
+                   for i, flags in enumerate(SENSITIVITY.values()) for seed in args.sensitivity_seeds}
+    check = {f"check_cross_norm_s{seed}": ["--ablation=cross_norm", f"--seed={seed}", *lr_flags(lr),
+                                           *common(args.max_steps, args.eval_every)] for seed in args.check_seeds}
+    runs = protocol.run_grid({**report, **sensitivity, **check}, runs_dir, args.parallel, args.threads)
+
+    curves = {arm: [protocol.read_curve(runs[f"{arm}_s{s}"]) for s in args.seeds] for arm in args.arms}
+    chance = sum(c[0][1] for seeds in curves.values() for c in seeds) / sum(len(s) for s in curves.values())
+    protocol.plot_curves(results / "curves.png", curves, f"miniature SD1.5 + fill50k: held-out fill IoU "
+                         f"(mean, min..max over seeds {list(args.seeds)}; each arm at its best lr)")
+    panels = {key: {arm: [protocol.read_curve(runs[f"{arm}_s{s}"], key) for s in args.seeds] for arm in args.arms}
+              for key in DIAGNOSTICS}
+    protocol.plot_panels(results / "diagnostics.png", panels, "what the control does at the site (training batches)")
+    sens_curves = {"cross_norm (reported, k=1)": curves.get("cross_norm", [])[:len(args.sensitivity_seeds)]} | {
+        label: [protocol.read_curve(runs[f"sens{i}_s{s}"]) for s in args.sensitivity_seeds]
+        for i, label in enumerate(SENSITIVITY)} if args.sensitivity_seeds else {}
+    if sens_curves:
+        protocol.plot_curves(results / "sensitivity.png", {k: v for k, v in sens_curves.items() if v},
+                             "cross normalization: control scale, site and the release form")
+
+    cpu = sum(protocol.cpu_seconds(runs_dir, name) for name in [*tune, *report, *sensitivity, *check])
+    lines = [f"command: python experiments/{Path(__file__).name} {shlex.join(argv)}",
+             f"machine: {protocol.machine()}; wall {(time.time() - tic) / 60:.1f} min this call, "
+             f"CPU {cpu / 60:.1f} min over all runs", f"train.py overrides: {shlex.join(train_args)}", "",
+             "learning-rate sweep (mean IoU over the last two evaluations, tuning seeds "
+             f"{list(args.tune_seeds)}, {args.tune_steps} steps; branch lr = 10 x lr):", "",
+             "| arm | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |", "|---|" + "---|" * (len(args.lrs) + 1),
+             *[f"| {arm} | " + " | ".join(f"{score(arm, lr):.3f}" for lr in args.lrs) + f" | {best[arm]:g} |"
+               for arm in args.arms], "",
+             f"reported runs (seeds {list(args.seeds)}, {args.max_steps} steps; base alone at step 0: {chance:.3f}):", "",
+             *protocol.summary_table(curves, args.at)]
+    if sens_curves:
+        lines += ["", f"sensitivity of cross_norm (seeds {list(args.sensitivity_seeds)}, {args.sensitivity_steps} steps, "
+                  f"lr {lr:g}):", "", *protocol.summary_table(sens_curves, tuple(s for s in args.at
+                                                                               if s <= args.sensitivity_steps))]
+    if args.check_seeds:
+        check_curves = [protocol.read_curve(runs[f"check_cross_norm_s{s}"]) for s in args.check_seeds]
+        lines += ["", f"rerun check: cross_norm on seeds {list(args.check_seeds)} against the reported interval:", ""]
+        for step in args.at:
+            values = [v for v in (protocol.value_at(c, step) for c in check_curves) if v is not None]
+            reported = [v for v in (protocol.value_at(c, step) for c in curves.get("cross_norm", [])) if v is not None]
+            if values and reported:
+                mean, lo, hi = protocol.bootstrap(reported)
+                inside = lo <= sum(values) / len(values) <= hi
+                lines.append(f"- IoU at {step}: rerun mean {sum(values) / len(values):.3f} "
+                             f"({', '.join(f'{v:.3f}' for v in values)}); reported {mean:.3f} [{lo:.3f}, {hi:.3f}]: "
+                             f"{'inside' if inside else 'OUTSIDE'}")
     (results / "table.md").write_text("\n".join(lines) + "\n")
-    (results / "curves.json").write_text(json.dumps(curves, indent=1))
+    (results / "curves.json").write_text(json.dumps({"report": curves, "sensitivity": sens_curves, "best_lr": best},
+                                                    indent=1))
     print("\n".join(lines))
-    return {"curves": curves, "table": lines, "results": results}
+    return {"curves": curves, "best_lr": best, "table": lines, "results": results}
 
 
 if __name__ == "__main__":

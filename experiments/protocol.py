@@ -1,16 +1,24 @@
-"""The shared protocol of fig3_convergence.py and ablation_selection.py: a grid of train.py runs, their IoU curves.
+"""The shared protocol of fig3_convergence.py and ablation_selection.py: grids of train.py runs, their curves, the
+statistics over seeds, and the figures.
 
-Every run is `train.py --field=value ...` (the one training loop; no second one here), differing from the others
-only in the overrides an experiment names (the arm, the seed); base weights, data order (a function of the seed and
-step, controlnext/training.py), batch, steps and the held-out evaluation are the same for every arm. Runs go one per
-sub-folder of `runs_dir`; a run whose last evaluation is already logged is not run again, so an interrupted protocol
-continues where it stopped. With parallel > 1 the runs are subprocesses (CPU: one thread each), else in-process.
-Figures are drawn with PIL (matplotlib is not a dependency). Left out: statistics beyond mean and min..max over seeds.
+Every run is `train.py --field=value ...` (the one training loop; no second one here), differing from the others only
+in the overrides an experiment names (arm, learning rate, seed, ...); base weights, data order (a function of the seed
+and step, controlnext/runs.py step_generator), batch and the held-out evaluation are the same for every arm. Runs go
+one per sub-folder of `runs_dir`; a run whose last evaluation is logged is not run again, so an interrupted protocol
+continues where it stopped. Runs are subprocesses, `parallel` at a time, each with `threads` torch threads (2 cores:
+two single-thread runs at once), and each one's process CPU time is recorded.
+Statistics: the mean over seeds with a percentile bootstrap 95% interval (Efron & Tibshirani 1993, §13.3: resample
+the seeds with replacement, 10,000 times); steps to a threshold as the median over seeds with the fraction of seeds
+that reach it within the budget (the median is given only when more than half do).
+Left out: statistics across machines (the rows say which machine), tests of significance.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -18,11 +26,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (23, 190, 207)]
+Curve = list[tuple[int, float]]
 
 
 def run_folder(runs_dir: Path, name: str) -> Path | None:
@@ -31,10 +41,13 @@ def run_folder(runs_dir: Path, name: str) -> Path | None:
     return found[-1].parent if found else None
 
 
-def read_curve(run: Path, key: str = "iou") -> list[tuple[int, float]]:
-    """[(step, value)] of the evaluation rows of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(row["step"], row[key]) for row in rows if key in row]
+def read_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_curve(run: Path, key: str = "iou") -> Curve:
+    """[(step, value)] of the rows of a run's metrics.jsonl that have `key` (evaluations, or logged diagnostics)."""
+    return [(row["step"], row[key]) for row in read_rows(run) if key in row]
 
 
 def is_done(runs_dir: Path, name: str, max_steps: int) -> bool:
@@ -42,160 +55,161 @@ def is_done(runs_dir: Path, name: str, max_steps: int) -> bool:
     return run is not None and any(step == max_steps for step, _ in read_curve(run))
 
 
-def run_grid(jobs: dict[str, list[str]], runs_dir: Path, max_steps: int, parallel: int, threads: int) -> dict[str, Path]:
-    """Run `train.py <overrides>` for each job name (skipping finished ones); {name: run folder}."""
-    todo = {name: args for name, args in jobs.items() if not is_done(runs_dir, name, max_steps)}
+def run_grid(jobs: dict[str, list[str]], runs_dir: Path, parallel: int, threads: int) -> dict[str, Path]:
+    """Run `train.py <overrides>` for each job name (skipping finished ones); {name: run folder}. Each job's overrides
+    must include --max_steps; its process CPU time goes to runs_dir/name/cpu_seconds.txt."""
+    steps = {name: next(int(a.split("=")[1]) for a in args if a.startswith("--max_steps=")) for name, args in jobs.items()}
+    todo = {name: args for name, args in jobs.items() if not is_done(runs_dir, name, steps[name])}
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run ({parallel} at a time)", flush=True)
 
-    def argv(name: str, args: list[str]) -> list[str]:
-        return [*args, f"--max_steps={max_steps}", f"--out_dir={runs_dir / name}", f"--experiment={name}",
-                f"--save_every={max_steps}", "--progress=False", f"--num_threads={threads}"]
-
-    def set_aside(name: str) -> None:
-        # An interrupted run restarts from scratch (same seed, same result); its folder is renamed, not deleted.
-        (runs_dir / name).mkdir(parents=True, exist_ok=True)
-        for stale in (runs_dir / name).glob("*/metrics.jsonl"):
-            stale.parent.rename(stale.parent.with_name(stale.parent.name + ".incomplete"))
-
     def launch(name: str) -> None:
-        tic = time.time()
-        set_aside(name)
-        with open(runs_dir / name / "stdout.txt", "w") as log:
-            subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(name, todo[name])], cwd=ROOT, stdout=log,
-                           stderr=subprocess.STDOUT, check=True)
-        print(f"  {name}: {time.time() - tic:.0f} s", flush=True)
+        tic, folder = time.time(), runs_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*/metrics.jsonl"):  # an interrupted run restarts (same seed, same result), set aside
+            stale.parent.rename(stale.parent.with_name(stale.parent.name + ".incomplete"))
+        argv = [*todo[name], f"--out_dir={folder}", f"--experiment={name}", f"--save_every={steps[name]}",
+                "--progress=False", f"--num_threads={threads}"]
+        command = [sys.executable, "-c", CPU_TIMED, str(ROOT / "train.py"), *argv]
+        with open(folder / "stdout.txt", "w") as log:
+            subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        print(f"  {name}: {time.time() - tic:.0f} s wall, {cpu_seconds(runs_dir, name):.0f} s CPU", flush=True)
+
+    def in_process(name: str) -> None:  # parallel == 1: no fresh interpreter per run (tests, small grids)
+        sys.path.insert(0, str(ROOT))  # train.py sits at the repository root, outside the installed packages
+        import train  # noqa: PLC0415 - only this path needs it; the subprocess path must not import torch here
+        folder = runs_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tic = time.process_time()
+        config, _ = train.cli.parse_args(train.TrainConfig, [*todo[name], f"--out_dir={folder}", f"--experiment={name}",
+                                                             f"--save_every={steps[name]}", "--progress=False"])
+        train.main(config)
+        (folder / "cpu_seconds.txt").write_text(f"{time.process_time() - tic:.1f}\n")
 
     if parallel > 1:
         with ThreadPoolExecutor(parallel) as pool:
             list(pool.map(launch, todo))
     else:
-        sys.path.insert(0, str(ROOT))  # train.py sits at the repository root, outside the installed packages
-        import train  # in-process: the same config parsing and loop, without a fresh interpreter per run
-        for name, args in todo.items():
-            tic = time.time()
-            set_aside(name)
-            config, _ = train.cli.parse_args(train.TrainConfig, argv(name, args))
-            train.main(config)
-            print(f"  {name}: {time.time() - tic:.0f} s", flush=True)
+        for name in todo:
+            in_process(name)
     return {name: run_folder(runs_dir, name) for name in jobs}
 
 
-# Fields that differ between runs by design (the arm, the seed, where and how the run was launched).
-PER_RUN_FIELDS = {"ablation", "trainable", "seed", "experiment", "out_dir", "resume", "progress", "num_threads",
-                  "device", "save_every"}
+# Runs train.py as __main__ and writes the process's CPU time (user + system) beside its run folder.
+CPU_TIMED = """import resource, runpy, sys
+from pathlib import Path
+script, argv = sys.argv[1], sys.argv[2:]
+sys.argv = [script, *argv]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
+    Path(out, "cpu_seconds.txt").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}\\n")
+"""
 
 
-def config_differences(runs: dict[str, Path], allowed: set[str] = frozenset()) -> list[str]:
-    """Fields of the runs' config.json that differ beyond the arm and seed (e.g. train.py's defaults changed while
-    a protocol ran): one line per field with its values, empty when the protocol held."""
-    configs = {name: json.loads((run / "config.json").read_text()) for name, run in runs.items()}
-    fields = sorted({k for c in configs.values() for k in c} - PER_RUN_FIELDS - set(allowed))
-    lines = []
-    for field in fields:
-        values = {json.dumps(c.get(field)) for c in configs.values()}
-        if len(values) > 1:
-            lines.append(f"WARNING: runs differ in {field}: {sorted(values)}")
-    return lines
+def cpu_seconds(runs_dir: Path, name: str) -> float:
+    path = runs_dir / name / "cpu_seconds.txt"
+    return float(path.read_text()) if path.is_file() else 0.0
 
 
-def first_step_at(curve: list[tuple[int, float]], threshold: float) -> int | None:
+def value_at(curve: Curve, step: int) -> float | None:
+    return dict(curve).get(step)
+
+
+def bootstrap(values: list[float], draws: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over seeds and its percentile bootstrap 95% interval."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(draws))
+    return statistics.fmean(values), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def first_step_at(curve: Curve, threshold: float) -> int | None:
     """The first evaluated step whose value reaches the threshold (the convergence step of fill50k.md)."""
     return next((step for step, value in curve if value >= threshold), None)
 
 
-def summarise(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float, float]]:
-    """Per step over seeds: (step, mean, min, max); steps every seed evaluated."""
-    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
-    table = [dict(c) for c in curves]
-    return [(s, statistics.mean(t[s] for t in table), min(t[s] for t in table), max(t[s] for t in table)) for s in steps]
+def steps_to(curves: list[Curve], threshold: float) -> str:
+    """"median (reached/total)" over seeds; "—" when half or fewer reach it."""
+    hits = [first_step_at(c, threshold) for c in curves]
+    reached = [h for h in hits if h is not None]
+    median = statistics.median(reached) if 2 * len(reached) > len(curves) else None
+    return f"{'—' if median is None else int(median)} ({len(reached)}/{len(curves)})"
 
 
-def steps_to_table(curves: dict[str, list[list[tuple[int, float]]]], thresholds=(0.5, 0.8)) -> list[str]:
-    """Markdown rows: per arm, the median over seeds of the first step at IoU >= threshold (and how many seeds got
-    there), the final IoU mean (min..max) and the best IoU of the mean curve."""
-    lines = ["| arm | " + " | ".join(f"steps to IoU >= {t} (median; seeds reaching)" for t in thresholds)
-             + " | final IoU mean (min..max) | best mean IoU |",
-             "|---|" + "---|" * (len(thresholds) + 2)]
+def interval(curves: list[Curve], step: int) -> str:
+    values = [v for v in (value_at(c, step) for c in curves) if v is not None]
+    if not values:
+        return "—"
+    mean, lo, hi = bootstrap(values)
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def summary_table(curves: dict[str, list[Curve]], at: tuple[int, ...], thresholds=(0.5, 0.7),
+                  labels: dict[str, str] | None = None) -> list[str]:
+    """Markdown: per arm, steps to each threshold and IoU at the given steps as mean [bootstrap 95% interval]."""
+    lines = ["| arm | " + " | ".join(f"steps to IoU >= {t} (median; seeds reaching)" for t in thresholds) + " | "
+             + " | ".join(f"IoU at {s}" for s in at) + " |", "|---|" + "---|" * (len(thresholds) + len(at))]
     for arm, seeds in curves.items():
-        cells = []
-        for threshold in thresholds:
-            hits = [first_step_at(c, threshold) for c in seeds]
-            reached = [h for h in hits if h is not None]
-            # Seeds that never reach count as "> budget": the median is defined only if most seeds reached.
-            median = statistics.median(reached) if len(reached) * 2 > len(seeds) else None
-            cells.append(f"{'—' if median is None else int(median)} ({len(reached)}/{len(seeds)})")
-        mean = summarise(seeds)
-        final = [c[-1][1] for c in seeds]
-        cells.append(f"{statistics.mean(final):.3f} ({min(final):.3f}..{max(final):.3f})")
-        cells.append(f"{max(m for _, m, _, _ in mean):.3f}")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        cells = [steps_to(seeds, t) for t in thresholds] + [interval(seeds, s) for s in at]
+        lines.append(f"| {(labels or {}).get(arm, arm)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot_curves(path: Path, curves: dict[str, list[list[tuple[int, float]]]], title: str,
-                lines_at=(0.5, 0.8), size=(900, 520)) -> None:
-    """IoU (0..1) vs step: per arm the mean over seeds as a line and the min..max band, with a legend."""
-    W, H = size
-    left, top, right, bottom = 60, 40, W - 210, H - 50  # the legend goes in the right margin
-    image = Image.new("RGB", size, "white")
-    band = Image.new("RGBA", size, (0, 0, 0, 0))
-    draw, band_draw = ImageDraw.Draw(image), ImageDraw.Draw(band)
-    x_max = max(s for seeds in curves.values() for c in seeds for s, _ in c)
-    px = lambda step: left + (right - left) * step / x_max  # noqa: E731
-    py = lambda v: bottom - (bottom - top) * min(max(v, 0.0), 1.0)  # noqa: E731
-    for v in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        draw.line([(left, py(v)), (right, py(v))], fill=(230, 230, 230))
-        draw.text((left - 30, py(v) - 6), f"{v:.1f}", fill="black")
-    for v in lines_at:  # the convergence thresholds
-        draw.line([(left, py(v)), (right, py(v))], fill=(120, 120, 120))
-        draw.text((right + 4, py(v) - 6), f"IoU {v}", fill=(120, 120, 120))
-    for k in range(6):
-        step = round(x_max * k / 5)
-        draw.text((px(step) - 10, bottom + 6), str(step), fill="black")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 12), title, fill="black")
-    draw.text(((left + right) // 2 - 40, H - 22), "optimizer step", fill="black")
-    for k, (arm, seeds) in enumerate(curves.items()):
-        colour = COLOURS[k % len(COLOURS)]
-        rows = summarise(seeds)
-        upper = [(px(s), py(hi)) for s, _, _, hi in rows]
-        lower = [(px(s), py(lo)) for s, _, lo, _ in rows][::-1]
-        if len(rows) > 1:
-            band_draw.polygon(upper + lower, fill=(*colour, 50))
-    image.paste(band, (0, 0), band)
-    draw = ImageDraw.Draw(image)
-    for k, (arm, seeds) in enumerate(curves.items()):
-        colour = COLOURS[k % len(COLOURS)]
-        pts = [(px(s), py(m)) for s, m, _, _ in summarise(seeds)]
-        draw.line(pts, fill=colour, width=3) if len(pts) > 1 else None
-        for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.rectangle([right + 60, top + 10 + 18 * k, right + 78, top + 22 + 18 * k], fill=colour)
-        draw.text((right + 84, top + 10 + 18 * k), f"{arm} ({len(seeds)} seeds)", fill="black")
-    image.save(path)
+def mean_band(curves: list[Curve]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per step every seed evaluated: mean, min, max over seeds."""
+    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves)))
+    tables = [dict(c) for c in curves]
+    rows = [[t[s] for t in tables] for s in steps]
+    return steps, [statistics.fmean(r) for r in rows], [min(r) for r in rows], [max(r) for r in rows]
 
 
-def sample_strip(path: Path, runs: dict[str, Path], steps: list[int], pairs: int = 4) -> None:
-    """Rows = arms, columns = steps: the first `pairs` (condition | output) pairs of each run's samples/ grid."""
-    cells = {}
-    for arm, run in runs.items():
-        for step in steps:
-            grid = run / "samples" / f"step_{step:06d}.png"
-            if grid.is_file():  # training.save_grid: 4 columns of (r+2) x (2r+2) cells, so r = width / 8 - 1
-                image = Image.open(grid)
-                r = image.width // 8 - 1
-                cells[arm, step] = image.crop((0, 0, min(pairs, 4) * (2 * r + 2), r + 2))
-    if not cells:
-        return
-    cw, ch = max(c.width for c in cells.values()), max(c.height for c in cells.values())
-    label_w, label_h = 110, 18
-    sheet = Image.new("RGB", (label_w + len(steps) * (cw + 6), label_h + len(runs) * (ch + 6)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, step in enumerate(steps):
-        draw.text((label_w + j * (cw + 6), 3), f"step {step}", fill="black")
-    for i, arm in enumerate(runs):
-        draw.text((4, label_h + i * (ch + 6) + ch // 2 - 6), arm, fill="black")
-        for j, step in enumerate(steps):
-            if (arm, step) in cells:
-                sheet.paste(cells[arm, step], (label_w + j * (cw + 6), label_h + i * (ch + 6)))
-    sheet.save(path)
+def plot_curves(path: Path, curves: dict[str, list[Curve]], title: str, ylabel: str = "held-out fill IoU",
+                thresholds=(0.5, 0.7), chance: float | None = None) -> None:
+    """Value vs step: per arm the mean over seeds as a line, min..max over seeds as a band; thresholds dashed."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for k, (arm, seeds) in enumerate(curves.items()):
+        steps, mean, lo, hi = mean_band(seeds)
+        ax.plot(steps, mean, color=f"C{k}", lw=2, marker="o", ms=3, label=f"{arm} ({len(seeds)} seeds)")
+        ax.fill_between(steps, lo, hi, color=f"C{k}", alpha=0.15, lw=0)
+    for t in thresholds:
+        ax.axhline(t, color="0.4", ls="--", lw=0.8)
+    if chance is not None:
+        ax.axhline(chance, color="0.6", ls=":", lw=1, label=f"base alone ({chance:.2f})")
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left" if ylabel.endswith("IoU") else "best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_panels(path: Path, panels: dict[str, dict[str, list[Curve]]], title: str) -> None:
+    """One panel per quantity (e.g. the diagnostics), arms as lines (mean over seeds)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], panels.items()):
+        for k, (arm, seeds) in enumerate(curves.items()):
+            seeds = [c for c in seeds if c]
+            if seeds:
+                steps, mean, lo, hi = mean_band(seeds)
+                ax.plot(steps, mean, color=f"C{k}", lw=1.5, label=arm)
+                ax.fill_between(steps, lo, hi, color=f"C{k}", alpha=0.15, lw=0)
+        ax.set(xlabel="optimizer step", title=name)
+        if name.startswith(("grad_norm", "term_ratio")):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    """One line naming the machine the numbers came from."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return f"{cpu}, {os.cpu_count()} cores, load average {load} at the end, largest run {peak:.1f} GiB RSS"

@@ -6,7 +6,8 @@ Expected: every reconciled row within 0.5M of the paper (../shared/reference/con
 G1-SD15 + all `to_out`; SDXL 2573/108 from a G1-size branch + attn2 `to_out`; SVD 1530/55 from G1-SVD + all
 `to_out`; ControlNet 1220/361 and 3818/1251. The SVD ControlNet figure (2206/682) is not reconciled: ours copies
 the SVD encoder half (conv_in, time/add embeddings, down blocks, mid) and adds ControlNet's hint encoder and zero
-convs, and lands on 2206.6 / 682.0, i.e. the paper's figure truncated like its other rows.
+convs, and lands on 2206.6 / 682.0, i.e. the paper's figure truncated like its other rows. The SD3 rows are ours
+(the paper gives none): SD3-medium's MMDiT is 2,028,328,000 parameters (its 56.6M-entry position table is a buffer).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controlnext.control_branch import G1_SD15, G1_SVD, G2, ControlNeXt  # noqa: E402
 from controlnext.controlnet import ENCODER_PREFIXES, ControlNet, ControlNetConfig, HintEncoder  # noqa: E402
+from controlnext.controlnext import SD3 as SD3_INJECTION  # noqa: E402
+from controlnext.sd3_controlnet import SD3ControlNet, SD3ControlNetConfig  # noqa: E402
+from controlnext.sd3_controlnext import ControlNeXtMMDiT  # noqa: E402
 from controlnext.selection import count_selected  # noqa: E402
+from mmdit.mmdit import SD3_MEDIUM, MMDiT  # noqa: E402
 from unet.sd_unet import SD15, SDXL, UNet, encoder_decoder_plan  # noqa: E402
 from unet.svd_unet import SVD_XT, SVDUNet  # noqa: E402
 
@@ -68,6 +73,16 @@ def table1() -> list[tuple[str, str, str, float, float, tuple[int, int | None] |
                   PAPER["SVD", "ControlNeXt-S"]),
                  ("SVD", "ControlNeXt-F", "G1-SVD + all", base + g1_svd, base + g1_svd, PAPER["SVD", "ControlNeXt-F"]),
                  ("SVD", "ControlNeXt-F", "G2 + all (v2 released code)", base + g2, base + g2, None)]
+        # SD3 (ours, issue 19; not in the paper): SD3-medium's MMDiT, the ControlNet copying its first 12 of 24 blocks
+        # (controlnext/sd3_controlnext.py: depth / 2), ControlNeXt-SD3 = G2 + the patch embedding to the 1536-wide
+        # tokens, trained with every image-stream attention output (`to_out`, the SD3 recipe)
+        mmdit = MMDiT(SD3_MEDIUM)
+        base, sel = count(mmdit), count_selected(mmdit, "to_out")
+        cn = count(SD3ControlNet(SD3ControlNetConfig(SD3_MEDIUM, SD3_MEDIUM.depth // 2)))
+        branch = sum(p.numel() for p in ControlNeXtMMDiT(mmdit, G2, SD3_INJECTION).control_parameters().values())
+        rows += [("SD3", "base", "MMDiT (SD3-medium)", base, base, None),
+                 ("SD3", "ControlNet", "MMDiT + 12-block copy (all learnable)", base + cn, cn, None),
+                 ("SD3", "ControlNeXt", "G2 + patch embedding + to_out", base + branch, branch + sel, None)]
     return [(m, meth, how, total / M, learn / M, paper) for m, meth, how, total, learn, paper in rows]
 
 

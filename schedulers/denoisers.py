@@ -8,7 +8,6 @@ table in ../shared/reference/checkpoints.md §8:
     SD1.5 / SDXL (epsilon)     1               -sigma               1/sqrt(sigma^2+1)  t (DDPM index)
     SD2-768 (v-prediction)     1/(sigma^2+1)   -sigma/sqrt(s^2+1)   1/sqrt(sigma^2+1)  t
     SVD (EDM v, sigma_data 1)  1/(sigma^2+1)   -sigma/sqrt(s^2+1)   1/sqrt(sigma^2+1)  0.25 ln sigma
-    fill50k toy (x0, "sample") 0               1                    1/sqrt(sigma^2+1)  t
 
 c_in x is exactly the DDPM sample sqrt(abar) x0 + sqrt(1-abar) eps, so the wrapped UNet sees what it was trained on.
 Matches crowsonkb/k-diffusion k_diffusion/external.py (DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser) and the
@@ -104,14 +103,6 @@ class VDenoiser(DiscreteDenoiser):
         return 1 / (sigma**2 + 1), -sigma * c_in, c_in
 
 
-class X0Denoiser(DiscreteDenoiser):
-    """x0 ("sample") prediction: x0_hat = F(c_in x, t), i.e. c_skip = 0, c_out = 1 (Karras et al. 2022 Table 1's
-    general form). The fill50k toy uses it (schedulers/sigmas.py TOY)."""
-
-    def scalings(self, sigma):
-        return 0.0 * sigma, 0.0 * sigma + 1.0, 1 / (sigma**2 + 1) ** 0.5  # float or (B,) tensor sigma
-
-
 class EDMVDenoiser:
     """SVD: EDM preconditioning with v-targets and sigma_data = 1 (SGM VScalingWithEDMcNoise), continuous sigma."""
 
@@ -133,7 +124,7 @@ class EDMVDenoiser:
 
 
 def make_denoiser(cfg: ScheduleConfig, net) -> DiscreteDenoiser | EDMVDenoiser:
-    """The denoiser a schedule preset implies: EDM-v for continuous c_noise (SVD), else discrete eps, v or x0.
+    """The denoiser a schedule preset implies: EDM-v for continuous c_noise (SVD), else discrete eps or v.
 
     Karras sigmas on a discrete model round t, as diffusers' DPM-Solver/UniPC do (its Euler does not: pass
     EpsDenoiser(..., quantize=False) to match that one).
@@ -142,5 +133,5 @@ def make_denoiser(cfg: ScheduleConfig, net) -> DiscreteDenoiser | EDMVDenoiser:
         if cfg.prediction_type != "v_prediction":
             raise ValueError(f"continuous c_noise is implemented for v_prediction only, got {cfg.prediction_type!r}")
         return EDMVDenoiser(net)
-    discrete = {"epsilon": EpsDenoiser, "v_prediction": VDenoiser, "sample": X0Denoiser}[cfg.prediction_type]
+    discrete = {"epsilon": EpsDenoiser, "v_prediction": VDenoiser}[cfg.prediction_type]
     return discrete(net, make_alphas_cumprod(cfg), quantize=cfg.use_karras_sigmas)

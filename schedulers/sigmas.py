@@ -21,7 +21,7 @@ import torch
 
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -31,7 +31,7 @@ class ScheduleConfig:
     beta_start: float = 0.00085  # LDM "linear" schedule = diffusers "scaled_linear" (checkpoints.md §8)
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"  # what the network outputs: "epsilon" | "v_prediction" | "sample" (x0)
+    prediction_type: str = "epsilon"  # what the network outputs: "epsilon" | "v_prediction"
     timestep_spacing: str = "leading"  # "leading" | "trailing" | "linspace" (diffusers' names)
     steps_offset: int = 1  # added to "leading" timesteps; SD1.5 ships 1 (checkpoints.md §7.5)
     rescale_zero_snr: bool = False  # Lin et al. 2023 Alg. 1; none of the presets uses it
@@ -57,12 +57,7 @@ SD21_V = ScheduleConfig(prediction_type="v_prediction")
 SDXL = ScheduleConfig()
 SVD = ScheduleConfig(prediction_type="v_prediction", sigma_min=0.002, sigma_max=700.0, use_karras_sigmas=True,
                      continuous_c_noise=True)
-# The fill50k toy (train.py): DDPM's pixel-space linear schedule (Ho et al. 2020 §4), x0 targets (its 32-wide first
-# level cannot pass 192 noise channels through; schedulers/denoisers.py X0Denoiser), sampling from t = T-1 (Lin et
-# al. 2023 Table 2).
-TOY = ScheduleConfig(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="sample",
-                     timestep_spacing="trailing", steps_offset=0)
-PRESETS = {"sd15": SD15, "sd21_v": SD21_V, "sdxl": SDXL, "svd": SVD, "toy": TOY}
+PRESETS = {"sd15": SD15, "sd21_v": SD21_V, "sdxl": SDXL, "svd": SVD}
 
 
 # --- betas and alphas_cumprod ---------------------------------------------------------------------------------------

@@ -13,7 +13,12 @@ Sec. 3) with stratified u, and weights by lambda = (1 + sigma^2) / sigma^2 (EDM'
 standard EDM option (ln sigma ~ N(-1.2, 1.2^2), lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, Table 1) is
 here too.
 
-Left out: offset noise, input perturbation, min-SNR weighting, and per-frame sigmas.
+Two common SD training options, off by default (the official trainers use neither): offset noise (Guttenberg 2023,
+"Diffusion with Offset Noise": eps + s * n with one n ~ N(0, 1) per sample and channel, so the low-frequency content
+of x_t no longer leaks the image's mean colour to the network) and Min-SNR-gamma loss weighting (Hang et al. 2023,
+"Efficient Diffusion Training via Min-SNR Weighting Strategy", Eq. 8-9: w = min(SNR, gamma) / SNR for eps targets,
+min(SNR, gamma) / (SNR + 1) for v). The miniature SD1.5's base stage uses both (experiments/mini_sd15_base.py).
+Left out: input perturbation and per-frame sigmas.
 """
 
 import math
@@ -48,23 +53,33 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
 
 def target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
            alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The regression target for an "epsilon", "v_prediction" or "sample" network."""
+    """The regression target for an "epsilon" or "v_prediction" network."""
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return velocity(x0, noise, t, alphas_cumprod)
-    if prediction_type == "sample":
-        return x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
 def sd_training_noise(x0: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", *,
-                      generator: torch.Generator | None = None
+                      generator: torch.Generator | None = None, noise_offset: float = 0.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SD1.5/SDXL step (controlnext.md §4.1): uniform t, DDPM noising. -> (x_t, t, target); loss = MSE(net(x_t, t), target)"""
+    """SD1.5/SDXL step (controlnext.md §4.1): uniform t, DDPM noising. -> (x_t, t, target); loss = MSE(net(x_t, t), target)
+    `noise_offset` > 0 adds offset noise (module docstring); 0 draws exactly what the official trainers draw."""
     t = sample_timesteps(x0.shape[0], len(alphas_cumprod), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    if noise_offset:
+        offset = torch.randn((*x0.shape[:2], *[1] * (x0.ndim - 2)), generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = noise + noise_offset * offset  # (B, C, 1, 1): one shift per sample and channel
     return add_noise(x0, noise, t, alphas_cumprod), t, target(prediction_type, x0, noise, t, alphas_cumprod)
+
+
+def min_snr_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weight per sample (Hang et al. 2023, Eq. 8-9), SNR = abar / (1 - abar). (B,) -> (B,)"""
+    abar = alphas_cumprod.to(torch.float64)[t]
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    return (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)).float()
 
 
 # --- EDM (SVD) --------------------------------------------------------------------------------------------------------

@@ -141,6 +141,19 @@ def test_branch_matches_official_blocks(name):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)  # fp32 noise on O(1) outputs; a wrong op is O(1)
 
 
+def test_video_branch_gives_each_video_its_own_timestep():
+    """(B, F, 3, H, W) with t (B,): frames are folded video-major (B*F), so t is repeated per video (the official
+    modules' repeat_interleave), not tiled. Reference: each video alone at its own t. Batch 6 against batch 3: fp32
+    kernels may round differently (tolerance 1e-5 on O(1) outputs); a tiled t gives O(1) differences."""
+    torch.manual_seed(0)
+    branch = ControlNeXt(BRANCH_TINY).eval()
+    video, t = torch.rand(2, 3, 3, 64, 64), torch.tensor([5.0, 900.0])
+    with torch.no_grad():
+        out = branch(video, t)  # (6, C, h, w)
+        expected = torch.cat([branch(video[b], t[b].expand(3)) for b in range(2)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
 def test_official_key_names_and_roundtrip(tmp_path):
     # A sample of keys and shapes from the official releases (reference controlnext.md §1.5).
     expected = {
@@ -209,15 +222,17 @@ def test_injection_presets_match_the_official_forwards():
     h = torch.randn(3, 8, 4, 6) * 2.5 + 0.7
     c = torch.randn(3, 8, 8, 12) * 0.3 - 1.0
     learned = torch.tensor(0.8)
-    cases = {  # preset -> (official k at the user's scale, eps, pool first)
-        "sd15_train": (0.35, 1e-12, True),
-        "sd15_release": (learned, 1e-12, True),
-        "sdxl": (1.0, 1e-12, False),
-        "svd_v1": (torch.sigmoid(learned) * 1.3, 1e-5, False),
-        "svd_v2": (1.0 * 0.2, 1e-5, False),
+    cases = {  # preset -> (official k at the user's scale, eps, pool first, site, CFG uncond half controlled);
+        # sites and uncond halves as ../shared/reference/controlnext.md §0 and §2.4 give them, written out here
+        "sd15_train": (0.35, 1e-12, True, "down_0", True),
+        "sd15_release": (learned, 1e-12, True, "mid_out", True),  # after the mid block
+        "sdxl": (1.0, 1e-12, False, "conv_in", True),
+        "svd_v1": (torch.sigmoid(learned) * 1.3, 1e-5, False, "mid_in", False),  # before the mid block; intended "no"
+        "svd_v2": (1.0 * 0.2, 1e-5, False, "down_0", False),
     }
-    for name, (k, eps, pool_first) in cases.items():
+    for name, (k, eps, pool_first, site, control_uncond) in cases.items():
         preset = cnx.PRESETS[name]
+        assert (preset.site, preset.control_uncond) == (site, control_uncond), name
         user = 0.35 if name == "sd15_train" else 1.0
         with torch.no_grad():
             ours = h + _model_for(preset).strength(user) * cnx.align(h, c, preset)  # the add at the site
@@ -290,6 +305,29 @@ def test_ablation_arms_at_init():
     assert arms["paper_norm"].injection.eps == 1e-5 and arms["paper_norm"].gamma is not None
     with pytest.raises(ValueError, match="unknown ablation"):
         build_controlled_unet("zeroconv", unet, BRANCH_TINY)
+
+
+def test_paper_arm_applies_its_learnable_gamma():
+    """Eq. 10's γ starts at 1, so at init the paper arm cannot tell γ applied from γ ignored: set it and compare with
+    the UNet run through a hand-written hook, h + γ k (c - mean_h) / sqrt(var_h + eps) at the preset's site."""
+    unet = UNet(TINY).eval()
+    x, t, context, image = tiny_inputs()
+    model = build_controlled_unet("paper_norm", unet, BRANCH_TINY, cnx.SD15_TRAIN).eval()
+    with torch.no_grad():
+        model.gamma.fill_(0.5)
+        c = model.branch(image, t)
+
+        def hook(site, h):
+            if site != cnx.SD15_TRAIN.site:
+                return h
+            c_pooled = F.adaptive_avg_pool2d(c, h.shape[-2:])
+            mean, var = h.mean(dim=(1, 2, 3), keepdim=True), h.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+            return h + 0.5 * 0.8 * (c_pooled - mean) / torch.sqrt(var + 1e-5)  # γ = 0.5, user scale 0.8
+
+        expected = unet(x, t, context, control=hook)
+        torch.testing.assert_close(model(x, t, context, image, scale=0.8), expected, rtol=0, atol=1e-5)
+        model.gamma.zero_()
+        assert torch.equal(model(x, t, context, image), unet(x, t, context))  # γ = 0: an exact 0 is added
 
 
 def test_svd_injection_presets_on_the_video_unet():

@@ -1,4 +1,5 @@
-"""fill50k generator geometry and determinism, folder datasets and their errors, metrics, CLI parsing, toy text encoder."""
+"""fill50k generator geometry and determinism, folder datasets and their errors, metrics, CLI parsing, the fill50k
+tokenizer, and inputs that used to fail deep inside (non-UTF-8 index files, 16-bit grey images)."""
 
 import json
 from dataclasses import dataclass
@@ -6,13 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from controlnext import cli
-from controlnext.data import (COLORS, VOCAB, Fill50k, FolderDataset, fill50k_example, fill50k_params, parse_prompt,
-                              render, validation_example, write_fill50k)
+from controlnext.data import (COLORS, VOCAB, Fill50k, FolderDataset, fill50k_example, fill50k_params, fill50k_tokenizer,
+                              load_image, parse_prompt, render, validation_example, write_fill50k)
 from controlnext.metrics import color_error, fill50k_metrics, fill_iou
-from encoders.toy_text import TOY, ToyTextEncoder
 
 
 # --- generator --------------------------------------------------------------------------------------------------------
@@ -140,6 +141,23 @@ def test_metrics_perfect_and_inverted():
     assert err_in.item() == pytest.approx(1.0)
 
 
+def test_fill_iou_partial_overlap_closed_form():
+    """IoU = |A & B| / |A | B|, checked where it is neither 1 nor 0 (item 19 of issue 15). The prediction (pixels
+    nearer the circle colour) is the left half of an 8x8 image. Against the top half: 16 / 48 = 1/3, where recall,
+    precision and a XOR union give 1/2; against the top-left quadrant: 16 / 32 = 1/2, where recall and the XOR union
+    give 1. Nothing predicted and nothing to predict counts as a perfect 1."""
+    circle, background = [(200, 30, 30)], [(10, 10, 240)]
+    image = torch.empty(1, 3, 8, 8)
+    image[:] = torch.tensor(background[0]).view(1, 3, 1, 1) / 255
+    image[..., :4] = torch.tensor(circle[0]).view(1, 3, 1, 1) / 255 + 0.04  # near the circle colour, not on it
+    top, quadrant = torch.zeros(1, 8, 8, dtype=torch.bool), torch.zeros(1, 8, 8, dtype=torch.bool)
+    top[:, :4], quadrant[:, :4, :4] = True, True
+    assert fill_iou(image, top, circle, background).item() == pytest.approx(1 / 3, abs=1e-7)
+    assert fill_iou(image, quadrant, circle, background).item() == pytest.approx(1 / 2, abs=1e-7)
+    plain = torch.tensor(background[0]).view(1, 3, 1, 1).expand(1, 3, 8, 8) / 255
+    assert fill_iou(plain, torch.zeros_like(top), circle, background).item() == 1.0
+
+
 # --- CLI --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -150,6 +168,8 @@ class _Config:
     flag: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     maybe: int | None = None
+    files: tuple[str, ...] = ()
+    scales: tuple[float, ...] = ()
 
 
 def test_cli_overrides_and_errors(tmp_path):
@@ -166,14 +186,48 @@ def test_cli_overrides_and_errors(tmp_path):
     assert cli.from_dict(_Config, cli.to_dict(config)) == config
     with pytest.raises(ValueError, match="experiment file not found"):
         cli.parse_args(_Config, [str(tmp_path / "missing.py")])
+    # Variable-length tuples: one item per flag (repeated flags append) or a literal; fixed-length ones only a literal.
+    config, _ = cli.parse_args(_Config, ["--files=a.safetensors", "--files", "b.png", "--scales=0.5", "--scales=1"])
+    assert config.files == ("a.safetensors", "b.png") and config.scales == (0.5, 1.0)
+    assert cli.parse_args(_Config, ["--scales=(0.25, 0.75)"])[0].scales == (0.25, 0.75)
+    with pytest.raises(ValueError, match="--betas=0.5"):
+        cli.parse_args(_Config, ["--betas=0.5"])
 
 
-# --- toy text encoder ------------------------------------------------------------------------------------------------
+# --- the miniature models' tokenizer --------------------------------------------------------------------------------
 
-def test_toy_text_encoder_knows_every_prompt_word():
-    enc = ToyTextEncoder(TOY, VOCAB)
-    prompts = [fill50k_example(i, 8)["prompt"] for i in range(200)]
-    ids = enc.tokenize(prompts)
-    assert not (ids == enc.index["<unk>"]).any()
-    assert enc(prompts[:2]).shape == (2, TOY.max_length, TOY.dim)
-    assert enc.tokenize(["brown floral xyz"])[0, 3] == enc.index["<unk>"]
+def test_fill50k_tokenizer_has_one_token_per_prompt_word_in_the_real_format(tmp_path):
+    tokenizer = fill50k_tokenizer()
+    assert len(tokenizer.vocab) == 853 and tokenizer.eos_id == 852  # sd_pipeline.MINI_SD15's vocab_size / eos
+    for word in VOCAB:
+        assert len(tokenizer.encode(word)) == 1, word
+    prompt = fill50k_example(3, 8)["prompt"]
+    ids = tokenizer([prompt])[0].tolist()
+    assert ids[0] == tokenizer.bos_id and ids[len(prompt.split()) + 1] == tokenizer.eos_id
+    tokenizer.save(tmp_path)  # vocab.json + merges.txt: transformers' CLIPTokenizer reads the same ids
+    reference = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    assert reference(prompt, padding="max_length", max_length=77).input_ids == ids
+
+
+# --- inputs that used to fail deep inside (issue 15, items 8 and 10) ----------------------------------------------------
+
+@pytest.mark.parametrize("index_file", ["prompt.json", "metadata.jsonl"])
+def test_non_utf8_index_files_name_the_file_and_line(tmp_path, index_file):
+    write_fill50k(tmp_path, 2, 8)
+    (tmp_path / "prompt.json").unlink()
+    keys = ("target", "source", "prompt") if index_file == "prompt.json" else ("image", "conditioning_image", "text")
+    good = json.dumps(dict(zip(keys, ("target/0.png", "source/0.png", "a")))).encode()
+    (tmp_path / index_file).write_bytes(good + b"\n" + good.replace(b'"a"', b'"caf\xe9"') + b"\n")  # Latin-1 byte
+    with pytest.raises(ValueError, match=rf"{index_file}:2: not UTF-8"):
+        FolderDataset(tmp_path, 8)
+
+
+def test_sixteen_bit_grey_images_keep_their_values(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000 of 65535
+    Image.fromarray(ramp).save(tmp_path / "depth.png")  # uint16 -> mode "I;16"
+    image = load_image(tmp_path / "depth.png", 8)
+    expected = np.round(ramp * (255 / 65535)).astype(np.uint8)  # not PIL's clip to 255
+    assert np.array_equal(image[..., 0], expected) and np.array_equal(image[..., 2], expected)
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "int32.tif")  # mode "I"
+    with pytest.raises(ValueError, match="32-bit"):
+        load_image(tmp_path / "int32.tif", 8)

@@ -1,5 +1,6 @@
-"""The issue-6 experiment scripts in smoke mode (tiny presets, 2 steps), so they cannot rot: Table 2 latency,
-Fig. 3 convergence and the parameter-selection ablation run end to end and write their figures and tables."""
+"""The experiment scripts in smoke mode (tiny models, 2 steps), so they cannot rot: Table 2 latency, the Fig. 3 protocol
+(sweep, reported seeds, sensitivity, rerun check) and the parameter-selection ablation run end to end through train.py
+and write their figures and tables."""
 
 import importlib.util
 from pathlib import Path
@@ -8,10 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnext.checkpoint import save_state
-from controlnext.data import VOCAB
-from encoders.toy_text import TOY as TOY_TEXT, ToyTextEncoder
-from unet.sd_unet import TOY, UNet
+from controlnext.data import fill50k_tokenizer
+from controlnext.sd_pipeline import PRESETS, StableDiffusion
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -24,13 +23,11 @@ def script(name: str):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    """A random toy base, so the smoke runs do not depend on the shipped weights."""
+def tiny(tmp_path_factory) -> str:
+    """A random tiny SD1.5-structured single file, so the smoke runs do not depend on the shipped weights."""
     torch.manual_seed(0)
-    state = {f"unet.{k}": v for k, v in UNet(TOY).state_dict().items()}
-    state |= {f"text_encoder.{k}": v for k, v in ToyTextEncoder(TOY_TEXT, VOCAB).state_dict().items()}
-    path = tmp_path_factory.mktemp("base") / "base.safetensors"
-    save_state(state, path)
+    path = tmp_path_factory.mktemp("tiny") / "tiny_sd15.safetensors"
+    StableDiffusion.random(PRESETS["tiny_sd15"], fill50k_tokenizer()).save(path)
     return str(path)
 
 
@@ -44,16 +41,26 @@ def test_table2_latency_smoke(tmp_path):
     assert "paper Table 2" in text and "+9.1%" in text and "+40.9%" in text
 
 
-@pytest.mark.parametrize("name, arms", [("fig3_convergence", 5), ("ablation_selection", 4)])
-def test_training_protocols_smoke(base, tmp_path, name, arms):
-    argv = ["--smoke", f"--base_weights={base}", f"--runs_dir={tmp_path / 'runs'}", f"--results={tmp_path / 'res'}"]
-    result = script(name).main(argv)
-    assert len(result["curves"]) == arms and all(len(c) == 1 and [s for s, _ in c[0]][-2:] == [1, 2]
-                                                 for c in result["curves"].values())
-    assert sum(line.startswith("| ") for line in result["table"]) >= arms + 1
-    for file in ("table.md", "curves.json", "curves.png"):
+def test_fig3_protocol_smoke(tiny, tmp_path):
+    argv = ["--smoke", f"--pretrained={tiny}", f"--runs_dir={tmp_path / 'runs'}", f"--results={tmp_path / 'res'}"]
+    result = script("fig3_convergence").main(argv)
+    assert set(result["curves"]) == {"cross_norm", "zero_conv"} and result["best_lr"] == {"cross_norm": 1e-3,
+                                                                                         "zero_conv": 1e-3}
+    assert all(len(c) == 1 and [s for s, _ in c[0]] == [0, 1, 2] for c in result["curves"].values())
+    table = "\n".join(result["table"])
+    for text in ("learning-rate sweep", "steps to IoU >= 0.7", "sensitivity of cross_norm", "rerun check", "CPU"):
+        assert text in table, text
+    for file in ("table.md", "curves.json", "curves.png", "diagnostics.png", "sensitivity.png"):
         assert (tmp_path / "res" / file).is_file(), file
-    assert Image.open(tmp_path / "res" / "curves.png").size == (900, 520)
-    # A second call finds every run done and only redraws (an interrupted protocol resumes).
-    again = script(name).main(argv)
+    assert Image.open(tmp_path / "res" / "curves.png").size == (880, 528)
+    again = script("fig3_convergence").main(argv)  # every run found done: only the tables and figures are redrawn
     assert again["curves"] == result["curves"]
+
+
+def test_selection_smoke(tiny, tmp_path):
+    argv = ["--smoke", f"--pretrained={tiny}", f"--runs_dir={tmp_path / 'runs'}", f"--results={tmp_path / 'res'}"]
+    result = script("ablation_selection").main(argv)
+    assert set(result["curves"]) == {"none", "lora:4"}
+    assert sum(line.startswith("| none (") or line.startswith("| lora:4 (") for line in result["table"]) == 2
+    for file in ("table.md", "curves.json", "curves.png", "selection.png"):
+        assert (tmp_path / "res" / file).is_file(), file

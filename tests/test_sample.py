@@ -17,8 +17,9 @@ import train
 from controlnext.checkpoint import read_state, save_state
 from controlnext.control_branch import G1_SD15, ControlNeXt
 from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet
-from controlnext.controls import detect_increments
-from controlnext.data import fill50k_example, fill50k_tokenizer
+from controlnext.canny import canny_control
+from controlnext.controls import detect_increments, load_control
+from controlnext.data import fill50k_example, fill50k_tokenizer, load_image
 from controlnext.sd_pipeline import PRESETS, StableDiffusion, load_sd, text_to_image
 from tests.test_train import smoke
 
@@ -42,12 +43,19 @@ def config(tiny: Path, out: Path, **fields) -> sample.SampleConfig:
     return dataclasses.replace(sample.SampleConfig(), **(base | fields))
 
 
-def test_base_alone_is_deterministic_and_finite(tiny, tmp_path):
-    a = sample.main(config(tiny, tmp_path, prompt="red circle with blue background"))
-    b = sample.main(config(tiny, tmp_path, prompt="red circle with blue background"))
-    assert a["images"].shape == (2, 3, 64, 64) and torch.isfinite(a["images"]).all()
+def test_base_alone_is_deterministic_and_follows_its_settings(tiny, tmp_path):
+    # Every setting away from its default, so that one sample.py drops is seen: the result must be text_to_image
+    # called by hand with them (the same kernels, batch and order: fp32 rounding only).
+    settings = dict(prompt="red circle with blue background", negative_prompt="green circle with white background",
+                    seed=3, clip_skip=1, guidance_scale=3.0, sampler="euler", steps=3)
+    a = sample.main(config(tiny, tmp_path, **settings))
+    b = sample.main(config(tiny, tmp_path, **settings))
     assert torch.equal(a["images"], b["images"])  # same seed, same kernels, same process
     assert Image.open(tmp_path / "grid.png").size == (2 * (2 * 64 + 2), 64 + 2)
+    expected = text_to_image(load_sd(tiny), [settings["prompt"]] * 2, [settings["negative_prompt"]] * 2, height=64,
+                             width=64, sampler="euler", steps=3, guidance_scale=3.0,
+                             generator=torch.Generator().manual_seed(3), clip_skip=1)
+    torch.testing.assert_close(a["images"], expected, atol=1e-5, rtol=0)
 
 
 def test_run_control_changes_the_output_and_reports_fill_metrics(tiny, run_checkpoint, tmp_path):
@@ -120,7 +128,15 @@ def test_two_controls_at_once_and_canny(tiny, run_checkpoint, tmp_path):
     out = sample.main(config(tiny, tmp_path, control=(str(run_checkpoint), str(run_checkpoint)),
                              control_image=(str(photo), str(photo)), canny=True, control_scale=(0.5, 0.5),
                              prompt="aqua circle with white background"))
-    assert torch.isfinite(out["images"]).all()
+    # by hand: both controls from the run, each on the official canny extractor's edges of the photo, summed
+    pipe = load_sd(tiny)
+    edges = canny_control(load_image(photo, (64, 64)))
+    assert 0 < edges.mean() < 0.5  # a photo of a disc has a ring of edges, not nothing and not everything
+    controls = [(load_control(run_checkpoint, pipe).model, edges.expand(2, -1, -1, -1), 0.5) for _ in range(2)]
+    expected = text_to_image(pipe, ["aqua circle with white background"] * 2, [""] * 2, height=64, width=64,
+                             sampler="dpmpp_2m", steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                             controls=controls)
+    torch.testing.assert_close(out["images"], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("field,value,message", [("batch", 0, "--batch=0"), ("sampler", "bogus", "--sampler"),

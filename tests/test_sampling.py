@@ -19,7 +19,7 @@ from torch import nn
 from controlnext import controlnext as cnx
 from controlnext.control_branch import TINY as BRANCH_TINY
 from controlnext.controlnext import build_controlled_unet
-from controlnext.sampling import cfg_denoiser, generate
+from controlnext.sampling import cfg_denoiser, generate, sigmas_for, windowed
 from schedulers.denoisers import make_denoiser
 from schedulers.guidance import cfg_combine
 from schedulers.sigmas import SD15 as SD15_SCHEDULE, SVD as SVD_SCHEDULE
@@ -160,3 +160,17 @@ def test_several_controls_are_summed_against_the_same_h(tiny):
     controlnet = build_controlled_unet("controlnet", unet, BRANCH_TINY)
     with pytest.raises(ValueError, match="ControlNeXt models only"):
         cfg_denoiser(unet, SD15_SCHEDULE, context, uncond, 2.0, [(first, image, 0.6), (controlnet, image, 1.0)])
+
+
+def test_control_window_holds_exactly_the_steps_inside_it():
+    """Step i of n sits at i/n: the window [start, end] controls the steps with start <= i/n <= end, both ends
+    included (4 steps: [0.3, 0.75] holds steps 2 and 3; [0.25, 0.5] holds 1 and 2; [0, 1] all of them)."""
+    sigmas = sigmas_for(SD15_SCHEDULE, "euler", 4)
+    levels = sigmas.float()[:-1].tolist()  # what generate() hands the denoiser, step by step
+    for (start, end), expected in (((0.3, 0.75), "ppcc"), ((0.25, 0.5), "pccp"), ((0.0, 1.0), "cccc"),
+                                   ((1.0, 1.0), "pppp")):
+        seen = []
+        denoiser = windowed(lambda x, s: seen.append("c"), lambda x, s: seen.append("p"), sigmas, start, end)
+        for sigma in levels:
+            denoiser(None, sigma)
+        assert "".join(seen) == expected, (start, end)

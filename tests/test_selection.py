@@ -13,6 +13,7 @@ from controlnext.releases import load_unet_weights, weight_increments
 from controlnext.selection import count_selected, merge_lora, select_trainable
 from unet.keymap import unet_original_rows
 from unet.sd_unet import SD15, SDXL, TINY, UNet
+from unet.svd_unet import SVD_XT, SVDUNet
 
 
 def tiny_inputs(batch: int = 2):
@@ -26,6 +27,11 @@ def test_selection_counts_full_configs():
     assert count_selected(sdxl, "attn2_to_out") == 102_483_200
     assert count_selected(sdxl, "to_out") == 204_966_400
     assert count_selected(sd15, "none") == 0 and count_selected(sd15, "all") == 859_520_964
+    # SVD (controlnext.md §3, §7): the official selections over the spatio-temporal UNet, to_v included for the
+    # SVD-v2-Training line that `to_out_to_v` names
+    with torch.device("meta"):
+        svd = SVDUNet(SVD_XT)
+    assert count_selected(svd, "to_out") == 49_611_520 and count_selected(svd, "to_out_to_v") == 99_951_360
     params = select_trainable(sd15, "to_out")
     assert len(params) == 64 and sum(p.numel() for p in params.values()) == 24_805_760
     assert sum(p.numel() for p in sd15.parameters() if p.requires_grad) == 24_805_760

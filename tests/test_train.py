@@ -21,10 +21,10 @@ from controlnext import cli
 from controlnext.controlnext import ABLATIONS
 from controlnext.checkpoint import read_state
 from controlnext.config import TrainConfig
-from controlnext.data import fill50k_tokenizer, write_fill50k
+from controlnext.data import Fill50k, fill50k_tokenizer, write_fill50k
 from controlnext.runs import EMA, load_checkpoint
 from controlnext.sd_pipeline import PRESETS, StableDiffusion, load_sd
-from controlnext.stages import ControlStage
+from controlnext.stages import ControlStage, build_stage
 from tests.sd_fixtures import tiny_sd15, tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,37 @@ def test_vae_and_base_stages_write_a_loadable_single_file(tmp_path):
     shipped = read_state(base_run / "model.safetensors")
     vae_keys = [k for k in shipped if k.startswith("first_stage_model.")]
     assert vae_keys and all(torch.equal(shipped[k], trained_vae[k]) for k in vae_keys)  # the VAE stayed frozen
+    # what is shipped is the EMA of the trained tensors (after one update: 0.1 init + 0.9 trained), cast to fp16
+    ema = read_state(base_run / "checkpoints" / "step_000001_ema.safetensors")
+    raw = read_state(base_run / "checkpoints" / "step_000001.safetensors")
+    for name, tower in (("unet", pipe.unet), ("text_encoders.0", pipe.text_encoders[0])):
+        for k, v in tower.state_dict().items():
+            assert torch.equal(v, ema[f"{name}.{k}"].half().float()), k
+    assert any(not torch.equal(ema[k].half(), raw[k].half()) for k in ema)  # the check can tell EMA from raw
+
+
+def test_stage_losses_closed_forms():
+    """VAEStage: L1 of the decoded posterior sample + kl_weight * KL(q || N(0, I)) per pixel (KL from
+    torch.distributions, an independent formula); BaseStage: the text encoder gets gradients (it trains)."""
+    from controlnext.stages import BaseStage, VAEStage
+
+    torch.manual_seed(0)
+    pipe = StableDiffusion.random(PRESETS["tiny_sd15"], fill50k_tokenizer())
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    config = dataclasses.replace(TrainConfig(), stage="vae", kl_weight=0.01)
+    loss = VAEStage(config, pipe)({"image": images}, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        posterior = pipe.vae.encode(images)
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+        recon = pipe.vae.decode(posterior.mean + posterior.std * eps)
+        normal = torch.distributions.Normal
+        kl = torch.distributions.kl_divergence(normal(posterior.mean, posterior.std), normal(0.0, 1.0)).sum((1, 2, 3))
+        expected = (recon - images).abs().mean() + 0.01 * kl.mean() / (3 * 64 * 64)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    base = BaseStage(dataclasses.replace(config, stage="base"), pipe)
+    base({"image": images, "prompt": ["red circle with blue background", ""]}, torch.Generator().manual_seed(5)).backward()
+    grads = [p.grad for p in pipe.text_encoders.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
 def test_ema_follows_its_closed_form():
@@ -194,6 +225,75 @@ def test_ema_follows_its_closed_form():
         expected = d * expected + (1 - d) * v
     assert [ema.decay_at(n) for n in (0, 8, 100)] == [0.1, 0.5, 0.5]
     torch.testing.assert_close(ema.shadow["p"], torch.full((3,), expected), atol=1e-5, rtol=0)
+
+
+def test_a_run_follows_the_closed_forms_of_accumulation_warmup_and_ema(tiny_file, tmp_path, monkeypatch):
+    """One run against an independent recomputation of its first step and the closed forms of its schedule:
+    - the step-1 gradient is that of the mean loss over its grad_accum micro-batches (AdamW is nearly invariant to a
+      gradient scale, so a sum instead of a mean trains almost the same and only this check sees it);
+    - the logged lr is base * min(1, step / warmup_steps) (steps counted from 1);
+    - the EMA tensors of steps 1..3 are d_n ema + (1 - d_n) param from the initial tensors, d_n = min(decay, (1 + n) /
+      (10 + n)) at the n-th update (test_ema_follows_its_closed_form checks EMA itself, this its use by the loop)."""
+    config = smoke(tiny_file, tmp_path, grad_accum=2, max_steps=3, warmup_steps=2, save_every=1)
+    seen, check = {}, train.check_finite
+
+    def spy(loss, params, step, last_good, log):  # the gradients the optimizer is about to use
+        if step == 1:
+            seen.update({name: p.grad.clone() for name, p in params.items() if p.grad is not None})
+        return check(loss, params, step, last_good, log)
+
+    monkeypatch.setattr(train, "check_finite", spy)
+    result = train.main(config)
+    run = Path(result["run"])
+
+    torch.manual_seed(config.seed)  # as train.main: the same initial tensors
+    stage = build_stage(config).train()
+    params = stage.trainable()
+    init = {name: p.detach().clone() for name, p in params.items()}
+    dataset = Fill50k(stage.config.resolution, seed=stage.config.dataset_seed)
+    losses = [stage(batch, g) for g, batch in (train.batch_for(dataset, stage.config, 0, k) for k in range(2))]
+    ((losses[0] + losses[1]) / 2).backward()
+    assert seen.keys() == {name for name, p in params.items() if p.grad is not None} and seen
+    for name, grad in seen.items():  # the same kernels; only the order of the two micro-batch sums may differ
+        torch.testing.assert_close(grad, params[name].grad, rtol=1e-5, atol=1e-9, msg=name)
+    assert result["losses"][0] == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6)
+
+    lrs = [r["lr"] for r in rows(run) if "loss" in r]
+    assert lrs == pytest.approx([config.control_lr * min(1.0, s / 2) for s in (1, 2, 3)], rel=1e-12)
+
+    ema = init
+    for n, step in enumerate((1, 2, 3)):
+        trained = read_state(run / "checkpoints" / f"step_{step:06d}.safetensors")
+        stored = read_state(run / "checkpoints" / f"step_{step:06d}_ema.safetensors")
+        d = min(config.ema_decay, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25: far from a constant 0.99
+        ema = {k: d * ema[k] + (1 - d) * trained[k] for k in ema}
+        for k in ema:  # fp32 arithmetic on O(0.1) values, ~1e-8; an off-by-one d moves it by > 1e-5
+            torch.testing.assert_close(stored[k], ema[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_restore_puts_the_torch_rng_state_back():
+    p = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([p])
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    torch.rand(10)  # the generator moves on
+    resumed = {"params": {"p": torch.ones(3)}, "optimizer": optimizer.state_dict(), "ema": None, "scaler": None,
+               "torch_rng": state, "step": 7}
+    assert train.restore(resumed, {"p": p}, optimizer, None, None) == 7
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(p.detach(), torch.ones(3))
+
+
+def test_control_loss_weight_map_closed_form():
+    """w = 1 + (weight - 1) [lit], average-pooled to the latent grid: a lit 8x8 block gives weight there, 1 elsewhere,
+    and a block half in a pooling cell gives the mean."""
+    from controlnext.stages import loss_weight_map
+
+    control = torch.zeros(1, 3, 16, 24)
+    control[0, 1, :8, :8] = 1.0  # one channel lit: the map takes the max over channels
+    control[0, :, 8:, 12:16] = 0.8  # the right half of the 8x8 cell (1, 1)
+    w = loss_weight_map(control, 5.0, 8)
+    assert loss_weight_map(control, 1.0, 8) is None  # plain MSE
+    torch.testing.assert_close(w, torch.tensor([[[[5.0, 1.0, 1.0], [1.0, 3.0, 1.0]]]]), rtol=0, atol=1e-6)
 
 
 BAD = [("sampler", "bogus", "--sampler='bogus'"), ("ablation", "bogus", "--ablation='bogus'"),
@@ -235,3 +335,19 @@ def test_experiment_file_and_overrides_round_trip_through_json():
     config, dry_run = cli.parse_args(TrainConfig, ["experiments/sd15_fill50k.py", "--lr=2e-5", "--dry_run"])
     assert dry_run and config.lr == 2e-5 and config.experiment == "sd15_fill50k"
     assert cli.from_dict(TrainConfig, json.loads(cli.dumps(config))) == config
+
+
+@pytest.mark.parametrize("recipe,family", [("sd15_fill50k", "sd15"), ("sdxl_depth", "sdxl")])
+def test_the_real_weight_recipes_run_on_tiny_checkpoints(tmp_path, recipe, family):
+    """The experiment files as written, with only what a CPU test must change: the model (and the branch width that
+    follows it), the data, the size, the step count, and no fp16 autocast (a CPU has no fp16 kernels for every op)."""
+    folder = (tiny_sd15 if family == "sd15" else tiny_sdxl)(tmp_path / family)
+    data = tmp_path / "data"
+    write_fill50k(data, count=4, size=64)
+    config, _ = cli.parse_args(TrainConfig, [f"experiments/{recipe}.py", f"--pretrained={folder}", f"--dataset={data}",
+                                             "--branch=tiny", "--resolution=64", "--batch_size=1", "--max_steps=1",
+                                             "--eval_count=1",
+                                             "--sampling_steps=2", "--mixed_precision=no", f"--out_dir={tmp_path}",
+                                             "--progress=False", "--num_threads=1"])
+    result = train.main(config)
+    assert all(math.isfinite(x) for x in result["losses"]) and (Path(result["run"]) / "latent_cache.safetensors").is_file()

@@ -51,13 +51,25 @@ def test_control_hook_sites_and_zero_residual_is_a_noop():
 
 
 def test_control_hook_changes_only_what_follows_the_site():
-    # A residual after down block 0 must not touch the skips stored before it (the official SD1.5/SVD-v2 placement).
+    # A residual after down block 0 must not touch the skips stored up to it (the official SD1.5/SVD-v2 placement:
+    # unet.py adds it to `sample` after down_block_res_samples took theirs). Push order: conv_in, down_blocks[0]'s two
+    # ResBlocks, its downsample (the h at the site), then the deeper levels. The last up block pops the first three,
+    # up_blocks[2] pops two level-1 skips (computed after the site) and then the site's own skip.
     model = UNet(TINY).eval()
     x, context = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 32)
+    popped = []  # each up block's skips: its positional args are (h, emb, context, skips, size)
+    hooks = [block.register_forward_pre_hook(lambda m, args: popped.append(list(args[3]))) for block in model.up_blocks]
     with torch.no_grad():
-        out = model(x, 7, context, control=lambda site, h: h + 1.0 if site == "down_0" else h)
         base = model(x, 7, context)
-    assert not torch.allclose(out, base)
+        out = model(x, 7, context, control=lambda site, h: h + 1.0 if site == "down_0" else h)
+    for hook in hooks:
+        hook.remove()
+    plain, controlled = popped[:4], popped[4:]
+    # before the site: the same kernels on the same inputs, bitwise
+    assert all(torch.equal(a, b) for a, b in zip(plain[3], controlled[3]))  # conv_in and down_blocks[0]'s ResBlocks
+    assert torch.equal(plain[2][2], controlled[2][2])  # down_blocks[0]'s downsample output: stored before the residual
+    assert (plain[2][0] - controlled[2][0]).abs().max() > 1e-2  # after the site: level 1 sees h + 1
+    assert (out - base).abs().max() > 1e-2
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -27,7 +27,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from controlnext.checkpoint import KeyMap, read_state, save_state
 from controlnext.loaders import load_temporal_vae, load_vae, save_vae
 from vae.keymap import vae_config_to_diffusers
-from vae.autoencoder import SD, TINY, AutoencoderKL, tiled
+from vae.autoencoder import SD, TINY, AutoencoderKL, blend_ramp, tile_spans, tiled
 from vae.keymap import SD_VAE_ROWS, SVD_FIRST_STAGE_ROWS
 from vae.temporal_decoder import SVD, TemporalAutoencoder, TemporalVAEConfig
 from vae.temporal_decoder import TINY as TINY_VIDEO
@@ -199,6 +199,21 @@ def test_tiling_pieces_are_exact():
     image = torch.randn(1, 3, 96, 80)
     down = lambda t: F.avg_pool2d(t, 8)  # noqa: E731
     assert (tiled(down, image, 8, 3, 8, 1) - down(image)).abs().max() <= 1e-6
+
+
+def test_blend_ramps_closed_form_and_partition_of_unity():
+    # Two 8-pixel tiles sharing 4: the later one rises over the middle half of the overlap (pixel centres 0.5..3.5,
+    # (pos - 1) / 2 clamped), the earlier one falls over it, and they sum to one (tiled() divides by the sum anyway,
+    # so only this check sees a ramp that does not).
+    spans = [(0, 8), (4, 12)]
+    torch.testing.assert_close(blend_ramp(spans, 1, 1), torch.tensor([0, 0.25, 0.75, 1, 1, 1, 1, 1]), rtol=0, atol=1e-7)
+    torch.testing.assert_close(blend_ramp(spans, 0, 1), torch.tensor([1, 1, 1, 1, 1, 0.75, 0.25, 0]), rtol=0, atol=1e-7)
+    for length, tile, overlap, scale in ((20, 8, 4, 1), (24, 8, 4, 8), (17, 6, 3, 2)):
+        spans = tile_spans(length, tile, overlap)
+        total = torch.zeros(length * scale)
+        for k, (start, end) in enumerate(spans):
+            total[start * scale:end * scale] += blend_ramp(spans, k, scale)
+        torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-6)
 
 
 def test_tiled_decode_close_to_untiled():

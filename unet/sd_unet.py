@@ -247,9 +247,6 @@ SD15 = UNetConfig()
 SD21 = UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True)
 SDXL = UNetConfig(channels=(320, 640, 1280), attention=(False, True, True), transformer_depth=(1, 2, 10),
                   heads=(5, 10, 20), context_dim=2048, linear_proj=True, adm_channels=2816)
-# SD1.5's structure (4 levels, attention at 0-2) at toy widths, so the original-layout key table applies to it too.
+# SD1.5's structure (4 levels, attention at 0-2) at test widths, so the original-layout key table applies to it too.
 TINY = UNetConfig(channels=(32, 32, 64, 64), heads=(2, 2, 4, 4), context_dim=32, groups=8)
-# The fill50k toy (train.py): 64 px RGB, space-to-depth by 8 = 192 channels at 8x8, SD's latent geometry.
-TOY = UNetConfig(in_channels=192, out_channels=192, channels=(32, 64, 64), layers_per_block=1,
-                 attention=(False, True, True), transformer_depth=(1, 1, 1), heads=(2, 2, 2), context_dim=64, groups=16)
-PRESETS = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL, "tiny": TINY, "toy": TOY}
+PRESETS = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL, "tiny": TINY}
