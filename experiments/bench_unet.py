@@ -10,7 +10,9 @@ Method: full SD1.5 config with random weights (diffusers' init, copied into ours
 process's CPU time (all threads), which leaves out the time spent waiting for a core on a shared machine; `--clock=wall`
 for an idle one. `--dtype` casts both models and inputs (pure bf16/fp16 inference). `--compile`: torch.compile
 (inductor, default mode) on both modules; the first call compiles and is reported apart (wall clock: inductor compiles
-C++ in worker processes, outside this process's CPU time). `--profile=PATH`: the top operators of one call of each.
+C++ in worker processes, outside this process's CPU time). `--freezing`: inductor's inference-only constant folding
+(weights prepacked for oneDNN; torch._inductor.config.freezing), the CPU inference setting. `--profile=PATH`: the top
+operators of one call of each.
 diffusers is a benchmark-only import.
 """
 
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--clock", default="", choices=["", "process", "wall"], help="default: process on CPU, wall on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    parser.add_argument("--freezing", action="store_true", help="with --compile: inductor freezing (inference)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one call of each here")
     args = parser.parse_args()
     clock = time.process_time if (args.clock or ("wall" if args.device != "cpu" else "process")) == "process" \
@@ -74,6 +78,7 @@ def main() -> None:
     run_reference = lambda: reference(x, t, context, **extra)  # noqa: E731
     compile_s = {}
     if args.compile:
+        inductor_config.freezing = args.freezing
         ours.compile()
         reference.compile()
     with torch.inference_mode():
@@ -97,7 +102,8 @@ def main() -> None:
             Path(args.profile).write_text("\n".join(tables))
     ratios = [o / r for o, r in zip(ours_times, reference_times)]
     print(f"{args.preset} latent {args.size}x{args.size} batch {args.batch} {args.dtype} {device} "
-          f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}{' compiled' if args.compile else ''}; "
+          f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}{' compiled' if args.compile else ''}"
+          f"{' + freezing' if args.freezing else ''}; "
           f"load average {os.getloadavg()}")
     print(f"first call (wall, {'compile + ' if args.compile else ''}warm-up): ours {compile_s['ours']:.1f} s, "
           f"diffusers {compile_s['diffusers']:.1f} s")
