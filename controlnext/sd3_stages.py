@@ -152,7 +152,7 @@ class SD3Stage(nn.Module):
         images = text_to_image(self.pipe, evals["prompt"], [c.empty_prompt] * len(evals["prompt"]), height=r, width=r,
                                sampler=c.sampler, steps=c.sampling_steps, guidance_scale=c.guidance_scale,
                                generator=generator, controls=[(self.model, condition, c.control_scale)],
-                               clip_skip=c.clip_skip).float().cpu()  # bf16/fp16 under mixed precision
+                               clip_skip=c.clip_skip).float().cpu()  # bf16/fp16 under autocast
         metrics = fill50k_metrics(images, evals["disc"], evals["circle_rgb"], evals["background_rgb"])
         if c.control_source == "super_resolution":  # the samples, and the upsampled input they should beat
             metrics |= {"psnr": psnr(images, evals["image"]), "psnr_input": psnr(condition.cpu() * 2 - 1, evals["image"])}

@@ -233,7 +233,7 @@ def resident(arm: Arm, pipe: StableDiffusion) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast (frozen parts in it)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32, or autocast (frozen in it)")
     parser.add_argument("--arms", default=repr(ARMS), help=f"a tuple of {ALL_ARMS}")
     parser.add_argument("--batches", default="(1, 2)")
     parser.add_argument("--checkpointing", default="(False, True)")
