@@ -11,34 +11,36 @@ Paper: ControlNeXt (Peng et al. 2024, arXiv 2408.06070) §3-4; the recipe is the
 control branch at 10x the UNet's learning rate. Ours adds warmup, gradient clipping, EMA, a NaN guard, fp32 master
 weights under autocast, and DistributedDataParallel under torchrun. What one step computes is controlnext/stages.py;
 the settings are controlnext/config.py (TrainConfig); run folders and checkpoints controlnext/runs.py.
-Left out: SVD and SD3 training (their own issues), aspect-ratio buckets, wandb.
+Video: an SVD --pretrained trains ControlNeXt-SVD-v2 (controlnext/video_stages.py; controlnext.md §4.3), on the
+moving-disc toy or pose-video clips; `torchrun ... train.py experiments/svd_pose.py --fsdp` shards the full UNet
+fine-tune (FSDP, sharded checkpoints: controlnext/parallel.py). An SD3 --pretrained trains through
+controlnext/sd3_stages.py (stages.build_stage dispatches both).
+Left out: aspect-ratio buckets, wandb.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from controlnext import cli
+from controlnext import cli, parallel
 from controlnext.config import RESUMABLE, TrainConfig, check
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.data import Fill50k, FolderDataset
 from controlnext.controlnext import ABLATIONS, PRESETS as INJECTIONS
 from controlnext.sampling import SAMPLERS
-from controlnext.runs import (EMA, RunLog, load_checkpoint, make_run_dir, remove_stale_temp_files, save_checkpoint,
-                              step_generator)
+from controlnext.runs import EMA, RunLog, load_checkpoint, remove_stale_temp_files, save_checkpoint, step_generator
 from controlnext.sd_pipeline import PRESETS as MODELS
 from controlnext.selection import SELECTIONS
 from controlnext.stages import LatentCache, build_stage, cast_frozen, eval_set
+from controlnext.video_stages import VideoStage, video_data
 
 NAMES = {"ablation": tuple(ABLATIONS), "sampler": tuple(SAMPLERS), "injection": tuple(INJECTIONS),
          "branch": tuple(BRANCHES), "trainable": tuple(SELECTIONS), "model": tuple(MODELS)}
@@ -77,7 +79,7 @@ def restore(resumed: dict, params: dict, optimizer, ema: EMA | None, scaler) -> 
 
 def check_finite(loss: float, params: dict, step: int, last_good: Path | None, log: RunLog) -> None:
     """The NaN guard: stop at a non-finite loss or gradient, before the optimizer step spreads it into the weights."""
-    if math.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None):
+    if math.isfinite(loss) and parallel.grads_finite(params):  # FSDP: each rank checks its shards, then agrees
         return
     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
     log.line(f"step {step} | non-finite loss or gradient ({loss}); stopping: {where}")
@@ -108,17 +110,12 @@ def batch_for(dataset, config: TrainConfig, step: int, micro: int) -> tuple[torc
 
 def main(config: TrainConfig) -> dict:
     """Run the training loop; returns {"run": run folder, "losses": [...], "eval": last metrics}."""
-    # --- setup: checks, threads, DDP, device, dtype (nothing is written before every check has passed) -----------
+    # --- setup: checks, threads, DDP/FSDP, device, dtype (nothing is written before every check has passed) -------
     check(config, names=NAMES)
     resumed = read_resume(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    distributed, created, rank, world, device = parallel.setup(config)
     amp_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
@@ -128,15 +125,17 @@ def main(config: TrainConfig) -> dict:
     config = stage.config
     stage.to(device)
     stage.pipe.unet.gradient_checkpointing = config.gradient_checkpointing
+    net = parallel.wrap(stage, config, device) if distributed else stage  # before the optimizer: FSDP shards params
     params = stage.trainable()
-    dataset = Fill50k(config.resolution, seed=config.dataset_seed) if config.dataset == "fill50k" else \
-        FolderDataset(config.dataset, config.resolution)
-    evals = eval_set(config)
+    if isinstance(stage, VideoStage):  # video (SVD): clips, held-out toy clips, clip batches (video_stages.py)
+        dataset, evals, batches = video_data(config)
+    else:
+        dataset = Fill50k(config.resolution, seed=config.dataset_seed) if config.dataset == "fill50k" else \
+            FolderDataset(config.dataset, config.resolution)
+        evals, batches = eval_set(config), batch_for
 
-    # --- run folder and logs (rank 0) ---------------------------------------------------------------------------------
-    run = Path(config.resume).parent.parent if resumed else None
-    if rank == 0 and run is None:
-        run = make_run_dir(config.out_dir, config.experiment or (config.ablation if config.stage == "control" else config.stage))
+    # --- run folder and logs (rank 0; with FSDP every rank writes its checkpoint shards there) -----------------------
+    run = parallel.run_folder(config, resumed, rank)
     log = RunLog(None if rank else run, write=tqdm.write)
     if rank == 0:
         (run / "config.json").write_text(cli.dumps(config))
@@ -150,8 +149,8 @@ def main(config: TrainConfig) -> dict:
                                         config.clip_skip)
 
     # --- optimizer ------------------------------------------------------------------------------------------------
-    if amp_dtype is not None:  # frozen tensors in the compute dtype, trainable ones fp32 masters (after the cache)
-        cast_frozen(stage, amp_dtype)
+    if amp_dtype is not None and not config.fsdp:  # frozen tensors in the compute dtype, trained ones fp32 masters
+        cast_frozen(stage, amp_dtype)  # (after the cache; FSDP casts through its MixedPrecisionPolicy instead)
     if config.compile:
         stage.compile_networks()
     optimizer = torch.optim.AdamW(stage.param_groups(), betas=config.adam_betas, eps=config.adam_eps,
@@ -159,20 +158,24 @@ def main(config: TrainConfig) -> dict:
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     ema = EMA(params, config.ema_decay) if config.ema_decay else None
-    start = restore(resumed, params, optimizer, ema, scaler) if resumed else 0
-    net = DistributedDataParallel(stage, device_ids=[device.index] if use_cuda else None) if distributed else stage
+    start = 0
+    if resumed:
+        start = parallel.restore_sharded(resumed, net, params, optimizer, ema) if config.fsdp else \
+            restore(resumed, params, optimizer, ema, scaler)
     log.resume_at(start)  # a resumed run keeps its metric rows up to the checkpoint
 
     def log_eval(step: int) -> dict:  # the fixed held-out set, fixed noise: curves comparable across runs
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with parallel.gathered(net), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):  # FSDP: every rank evaluates
             metrics, controls, images = stage.evaluate(evals, torch.Generator().manual_seed(config.eval_seed))
         log.eval(step, metrics, controls, images)
         return metrics
 
     # --- loop -------------------------------------------------------------------------------------------------------
     losses, metrics, last_good = [], {}, (Path(config.resume) if resumed else None)
-    if rank == 0 and start == 0 and config.eval_every:  # where training starts from (zero_conv: the base exactly)
-        metrics = log_eval(0)
+    evaluates = rank == 0 or config.fsdp
+    if evaluates and start == 0 and config.eval_every and not config.fsdp:  # the start (zero_conv: the base exactly);
+        metrics = log_eval(0)  # FSDP sets its units up in the first forward, so its first evaluation comes later
     stage.train()
     bar = tqdm(range(start, config.max_steps), initial=start, total=config.max_steps, disable=rank or not config.progress)
     tic = time.time()
@@ -181,24 +184,20 @@ def main(config: TrainConfig) -> dict:
             group["lr"] = group["base_lr"] * min(1.0, (step + 1) / max(1, config.warmup_steps))
         step_loss = 0.0
         for k in range(config.grad_accum):
-            g, batch = batch_for(dataset, config, step, rank * config.grad_accum + k)
-            sync = not distributed or k == config.grad_accum - 1  # DDP averages gradients on the last micro-batch only
-            with (net.no_sync() if not sync else torch.enable_grad()):
+            g, batch = batches(dataset, config, step, rank * config.grad_accum + k)
+            with parallel.gradient_sync(net, k == config.grad_accum - 1):  # ranks average on the last micro-batch
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss = net(batch, g)
                 (scaler.scale(loss / config.grad_accum) if scaler else loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-        if distributed:  # the logged loss is the mean over ranks; the gradients were averaged by DDP
-            step_loss = torch.tensor(step_loss, device=device)
-            dist.all_reduce(step_loss)
-            step_loss = step_loss.item() / world
+        step_loss = parallel.mean_over_ranks(step_loss, device) if distributed else step_loss
         if scaler:
             scaler.unscale_(optimizer)
         check_finite(step_loss, params, step + 1, last_good, log)
         logged = rank == 0 and (step + 1) % config.log_every == 0
         diagnostics = {**grad_norms(stage), **stage.diagnostics(batch, g)} if logged else {}
         if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
+            parallel.clip_grad_norm(params, config.grad_clip)  # FSDP: on the local shards
         (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -212,12 +211,13 @@ def main(config: TrainConfig) -> dict:
                 mem = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GB" if device.type == "cuda" else ""
                 log.line(f"step {done} | loss {step_loss:.4f} | lr {optimizer.param_groups[0]['lr']:.1e} | "
                          f"{rate:.2f} it/s{mem}")
-            if done % config.save_every == 0 or done == config.max_steps:  # before the eval: an eval error loses nothing
-                last_good = save_checkpoint(run, done, params, ema, optimizer, scaler, cli.to_dict(config))
-            if (config.eval_every and done % config.eval_every == 0) or done == config.max_steps:
-                stage.eval()
-                metrics = log_eval(done)
-                stage.train()
+        if done % config.save_every == 0 or done == config.max_steps:  # before the eval: an eval error loses nothing
+            last_good = parallel.save(run, done, net, params, ema, optimizer, scaler, cli.to_dict(config)) \
+                if distributed else save_checkpoint(run, done, params, ema, optimizer, scaler, cli.to_dict(config))
+        if evaluates and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
+            stage.eval()
+            metrics = log_eval(done)
+            stage.train()
 
     # --- save ---------------------------------------------------------------------------------------------------------
     exported = stage.export(run, ema) if rank == 0 else None  # base / vae stages: the pipeline as one single file
@@ -225,7 +225,7 @@ def main(config: TrainConfig) -> dict:
         log.line(f"wrote {exported} (EMA weights, fp16) and its tokenizer/")
     if rank == 0:
         log.line(f"done: {config.max_steps - start} steps in {time.time() - tic:.0f} s")
-    if distributed:
+    if created:  # a process group the caller made stays for the caller
         dist.destroy_process_group()
     return {"run": run, "losses": losses, "eval": metrics}
 

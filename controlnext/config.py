@@ -14,6 +14,7 @@ Left out: YAML, nested configs, environment-variable overrides.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -38,6 +39,19 @@ class TrainConfig:
     prediction_type: str = ""          # override the checkpoint's ("epsilon" | "v_prediction"; SD2 single files)
     model: str = "mini_sd15"           # base/vae stages: the sd_pipeline.py preset built from scratch
     clip_skip: int = 0                 # text layers skipped (diffusers' convention; A1111's "clip skip 2" is 1)
+    # the model, video: --pretrained an SVD pipeline folder or svd*.safetensors trains ControlNeXt-SVD-v2
+    # (controlnext/video_stages.py; controlnext.md §4.3)
+    eps_layout: str = "sgm"            # SVD UNet GroupNorm eps (unet/svd_unet.py): "sgm" as SVD was trained, or
+                                       # "diffusers" as the official ControlNeXt-SVD releases were trained
+    fps_id: int = 6                    # SVD micro-conditioning while training (official SVD-v2 trainer: fps_id 6,
+    motion_bucket_id: int = 127        # motion bucket 127, noise_aug 0.02 on the reference frame)
+    noise_aug: float = 0.02
+    conditioning_dropout: float = 0.1  # r ~ U(0, 1) per clip: r < 2p drops the image embedding, p <= r < 3p the
+                                       # reference latents (official --conditioning_dropout_prob); never the control
+    frame_chunk: int = 0               # SVD UNet per-frame layers on this many frames at a time (exact, less memory);
+                                       # 0 = all frames at once
+    fsdp: bool = False                 # torchrun: FSDP full shard (PyTorch fully_shard) of the UNet blocks and the
+                                       # rest, sharded checkpoints (torch.distributed.checkpoint); else DDP
     # data
     dataset: str = "fill50k"           # "fill50k" (procedural) or a folder with prompt.json / metadata.jsonl
     resolution: int = 64               # pixels, multiple of 8; images are resized (shorter side) and centre-cropped
@@ -48,6 +62,12 @@ class TrainConfig:
     noise_offset: float = 0.0          # offset noise strength (schedulers/training.py; 0 = the official trainers)
     snr_gamma: float = 0.0             # Min-SNR-gamma loss weighting (schedulers/training.py; 0 = off, plain MSE)
     cache_latents: bool = False        # folder datasets: VAE posterior + text embeddings computed once, kept on disk
+    # data, video (controlnext/video_data.py): --dataset=fill50k is the moving-disc toy (MovingFill50k), else a
+    # meta_info .json (the official layout) or a folder of clip folders
+    num_frames: int = 8                # frames per training clip; frame 0 is the reference (official script.sh: 14)
+    frame_interval: int = 3            # stride between a clip's frames; <= 0 draws it from 2..7 (official: 3)
+    video_width: int = 64              # clip size in pixels, multiples of 8 (official 576 x 1024); the toy is square
+    video_height: int = 64
     # optimisation (official SD1.5: AdamW, lr 1e-5, branch 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8)
     max_steps: int = 400               # optimizer steps
     batch_size: int = 32               # per process and micro-batch
@@ -96,7 +116,7 @@ RESUMABLE = {"max_steps", "resume", "eval_every", "log_every", "save_every", "pr
              "experiment", "out_dir", "compile"}
 STAGES = ("control", "base", "vae")
 CHOICES = {"stage": STAGES, "mixed_precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
-           "prediction_type": ("", "epsilon", "v_prediction"),
+           "prediction_type": ("", "epsilon", "v_prediction"), "eps_layout": ("sgm", "diffusers"),
            "control_source": ("dataset", "super_resolution")}  # SD3 (issue 19)
 
 
@@ -112,12 +132,13 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
             continue  # checked by selection.parse_selection at build time
         if value not in allowed and value != "auto":
             raise ValueError(f"--{field}={value!r}: expected one of {', '.join(map(repr, allowed))}")
-    positive = ("max_steps", "batch_size", "grad_accum", "eval_count", "log_every", "save_every", "sampling_steps")
+    positive = ("max_steps", "batch_size", "grad_accum", "eval_count", "log_every", "save_every", "sampling_steps",
+                "num_frames")
     for field in positive:
         if getattr(config, field) < 1:
             raise ValueError(f"--{field}={getattr(config, field)}: must be at least 1")
     for field in ("lr", "control_lr", "weight_decay", "adam_eps", "grad_clip", "kl_weight", "warmup_steps", "noise_offset",
-                  "snr_gamma", "eval_every", "num_threads", "clip_skip"):
+                  "snr_gamma", "eval_every", "num_threads", "clip_skip", "noise_aug", "frame_chunk"):
         if getattr(config, field) < 0:
             raise ValueError(f"--{field}={getattr(config, field)}: must not be negative")
     if config.lr == 0 and config.control_lr == 0:
@@ -128,12 +149,22 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
         raise ValueError(f"--proportion_empty_prompts={config.proportion_empty_prompts}: must be in [0, 1]")
     if not all(0 <= b < 1 for b in config.adam_betas):
         raise ValueError(f"--adam_betas={config.adam_betas}: each must be in [0, 1)")
+    if not 0 <= config.conditioning_dropout <= 1:
+        raise ValueError(f"--conditioning_dropout={config.conditioning_dropout}: must be in [0, 1]")
+    for field in ("video_width", "video_height"):
+        if getattr(config, field) <= 0 or getattr(config, field) % 8:
+            raise ValueError(f"--{field}={getattr(config, field)}: must be a positive multiple of 8 (the VAE stride)")
+    if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    if config.fsdp and config.mixed_precision == "fp16":
+        raise ValueError("--fsdp with --mixed_precision=fp16: use bf16 (no gradient scaler for sharded gradients)")
     if config.resolution <= 0 or config.resolution % 8:
         raise ValueError(f"--resolution={config.resolution}: must be a positive multiple of 8 (the VAE stride)")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device=cuda: no CUDA device is available on this machine")
-    if config.dataset != "fill50k" and not Path(config.dataset).is_dir():
-        raise ValueError(f"--dataset={config.dataset}: not 'fill50k' and not a folder")
+    dataset = Path(config.dataset)
+    if config.dataset != "fill50k" and not (dataset.is_dir() or (dataset.suffix == ".json" and dataset.is_file())):
+        raise ValueError(f"--dataset={config.dataset}: not 'fill50k', a folder, or a video meta_info .json file")
     if config.stage != "vae" and not Path(config.pretrained).exists():
         raise ValueError(f"--pretrained={config.pretrained}: no such file or folder")
     if config.resume and not Path(config.resume).is_file():

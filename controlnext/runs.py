@@ -7,7 +7,7 @@ Checkpoints: `checkpoints/step_NNNNNN.safetensors` holds the trainable tensors u
 `step_NNNNNN_ema.safetensors` their EMA, `step_NNNNNN.pt` the optimizer state, GradScaler state, step, RNG state and the
 resolved config (read back with torch.load(weights_only=True) through the engine's safe reader). Every file is written
 atomically (controlnext/checkpoint.py), the .pt last, so a .pt on disk always has its tensors beside it; temp files a
-killed write left behind are removed when the run resumes.
+killed write left behind are removed when the run resumes. FSDP runs add the shards (controlnext/parallel.py).
 Data order is a pure function of (seed, step, micro-batch), so a resumed run draws the batches the straight run drew.
 Left out: wandb (optional in STYLE, not needed here), checkpoint rotation.
 """
@@ -15,6 +15,7 @@ Left out: wandb (optional in STYLE, not needed here), checkpoint rotation.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -153,17 +154,24 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or not {"step", "optimizer", "config", "torch_rng"} <= set(state):
         raise ValueError(f"cannot read checkpoint {path}: not a train.py checkpoint (no step/optimizer/config)")
     tensors_path, ema_path, _ = checkpoint_paths(path.parent.parent, state["step"])
+    state["config"] = json.loads(state["config"])
+    if state.get("sharded"):  # FSDP: tensors, optimizer and EMA are shards in step_N.dcp/ (controlnext/parallel.py)
+        state["shards"], state["params"], state["ema"] = path.with_suffix(".dcp"), None, None
+        return state
     state["params"] = read_state(tensors_path)
     state["ema"] = read_state(ema_path) if ema_path.is_file() else None
-    state["config"] = json.loads(state["config"])
     return state
 
 
 def remove_stale_temp_files(run: Path) -> list[Path]:
-    """Temp files of checkpoint writes a kill interrupted: ours (.<name>.<random>.tmp) and safetensors' (.tmpXXXXXX)."""
+    """Temp files of checkpoint writes a kill interrupted: ours (.<name>.<random>.tmp), safetensors' (.tmpXXXXXX) and
+    the staging folders of sharded checkpoints (.step_N.dcp.tmp/)."""
     stale = [p for p in (run / "checkpoints").glob(".*") if p.name.startswith(".tmp") or p.name.endswith(".tmp")]
     for path in stale:
-        path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return stale
 
 

@@ -36,7 +36,7 @@ from controlnext.config import TrainConfig
 from controlnext.control_branch import PRESETS as BRANCHES
 from controlnext.controlnext import PRESETS as INJECTIONS
 from controlnext.controls import condition_image
-from controlnext.data import load_image
+from controlnext.data import fill50k_example, load_image
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd3_controlnext import ControlNetMMDiT, build_sd3_controlled
 from controlnext.sd3_pipeline import FLOW_SAMPLERS, StableDiffusion3, load_sd3, text_to_image
@@ -166,7 +166,7 @@ def build_sd3_stage(config: TrainConfig) -> SD3Stage:
     return SD3Stage(config, pipe)
 
 
-# --- sample.py: the controls of an SD3 run, and their conditions --------------------------------------------------------
+# --- sample.py: the controls of an SD3 run, their conditions, the SD3 mode --------------------------------------------
 
 @dataclass
 class SD3Control:
@@ -217,3 +217,33 @@ def sd3_condition(control: SD3Control, image: str | None, example: dict | None, 
     if image is None:
         return torch.from_numpy(np.ascontiguousarray(example["control"])).permute(2, 0, 1).float() / 255
     return condition_image(image, size, canny)
+
+
+def sample_sd3(config) -> tuple[str, dict | None, Tensor, Tensor, int]:
+    """sample.py's SD3 mode (issue 19; `config` a sample.SampleConfig): the flow pipeline, at most one control (a
+    train.py run on an SD3 model: its arm, its condition kind), CFG; no LoRA or release UNet files (none exist for
+    ControlNeXt-SD3). Returns what sample.save takes: (prompt, fill50k example or None, shown conditions
+    (B, 3, H, W), images (B, 3, H, W), control count)."""
+    for field in ("lora", "unet_weights"):
+        if getattr(config, field):
+            raise ValueError(f"--{field}: not supported for SD3 models")
+    if config.sampler not in FLOW_SAMPLERS or len(config.control) > 1:
+        raise ValueError(f"--sampler={config.sampler!r} / {len(config.control)} controls: SD3 samples with one of "
+                         f"{', '.join(FLOW_SAMPLERS)} and at most one control")
+    pipe = load_sd3(config.pretrained, config.tokenizer or None, config.t5_tokenizer or None, use_t5=config.use_t5)
+    control = load_sd3_control(config.control[0], pipe) if config.control else None
+    height = config.height or (control.resolution if control else pipe.config.resolution)
+    width = config.width or (control.resolution if control else pipe.config.resolution)
+    example = fill50k_example(config.fill_index, height, config.fill_seed) if height == width else None
+    prompt = config.prompt or (example["prompt"] if example else "")
+    shown, controls = torch.zeros(config.batch, 3, height, width), []
+    if control is not None:
+        image = config.control_image[0] if config.control_image else None
+        shown = sd3_condition(control, image, example, (height, width), config.canny).expand(config.batch, -1, -1, -1)
+        controls = [(control.model, shown, config.control_scale[0] if config.control_scale else control.scale)]
+    result = text_to_image(pipe, [prompt] * config.batch, [config.negative_prompt] * config.batch, height=height,
+                           width=width, sampler=config.sampler, steps=config.steps,
+                           guidance_scale=config.guidance_scale, controls=controls,
+                           generator=torch.Generator().manual_seed(config.seed), clip_skip=config.clip_skip,
+                           control_window=(config.control_start, config.control_end))
+    return prompt, example, shown, result, len(controls)

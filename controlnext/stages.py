@@ -13,8 +13,9 @@ same loop and torch's DistributedDataParallel wraps it as is (only the tensors w
 Evaluation (rank 0): the fixed held-out fill50k set sampled through the whole pipeline and decoded by the VAE,
 scored with controlnext/metrics.py. `--cache_latents`: folder datasets are encoded once (VAE posterior moments and
 text embeddings, on disk in the run folder); the posterior is still sampled at every step, so the loss is unchanged.
-SD3 models train through controlnext/sd3_stages.py (build_stage dispatches).
-Left out: SVD stages (their own issue), aspect-ratio buckets (images are centre-cropped to a square).
+SD3 models train through controlnext/sd3_stages.py, SVD ones through controlnext/video_stages.py's VideoStage
+(ControlNeXt-SVD-v2): build_stage dispatches.
+Left out: aspect-ratio buckets (images are centre-cropped to a square).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from controlnext.sd3_pipeline import is_sd3  # SD3 dispatch (issue 19)
 from controlnext.sd3_stages import build_sd3_stage  # SD3 dispatch (issue 19)
 from controlnext.sd_pipeline import PRESETS as MODELS, StableDiffusion, load_sd, text_to_image
 from controlnext.selection import select_trainable
+from controlnext.svd_pipeline import is_svd, load_svd
+from controlnext.video_stages import VideoStage
 from schedulers.sigmas import make_alphas_cumprod
 from schedulers.training import min_snr_weight, sd_training_noise
 from unet.sd_unet import control_sites
@@ -346,6 +349,8 @@ def build_stage(config: TrainConfig) -> nn.Module:
         return build_sd3_stage(config)
     if config.control_source != "dataset":  # SD3 dispatch (issue 19): the other stages read the dataset's controls
         raise ValueError(f"--control_source={config.control_source!r}: implemented for SD3 models only")
+    if config.stage == "control" and is_svd(config.pretrained):  # video (SVD): ControlNeXt-SVD-v2, video_stages.py
+        return VideoStage(config, load_svd(config.pretrained, eps_layout=config.eps_layout))
     if config.stage == "control":
         pipe = load_sd(config.pretrained, config.tokenizer or None, prediction_type=config.prediction_type)
     else:
