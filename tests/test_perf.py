@@ -83,6 +83,16 @@ def test_sample_rejects_an_unknown_dtype(tiny, tmp_path):
         sample.main(dataclasses.replace(sample.SampleConfig(), pretrained=str(tiny), dtype="fp8"))
 
 
+@pytest.mark.parametrize("kind, fields, message", [
+    ("StableDiffusion3Pipeline", {"dtype": "bf16"}, "--dtype='bf16': SD3"),
+    ("StableDiffusion3Pipeline", {"compile": True}, "--compile"),
+    ("StableVideoDiffusionPipeline", {"compile": True}, "--compile")])
+def test_sample_modes_without_the_fast_paths_say_so_before_loading(tmp_path, kind, fields, message):
+    (tmp_path / "model_index.json").write_text(f'{{"_class_name": "{kind}"}}')  # the folder holds nothing else
+    with pytest.raises(ValueError, match=message):
+        sample.main(dataclasses.replace(sample.SampleConfig(), pretrained=str(tmp_path), **fields))
+
+
 def test_controlnet_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = ControlNet.from_unet(UNet(TINY), ControlNetConfig(unet=TINY))
