@@ -39,7 +39,7 @@ from controlnext.sampling import SAMPLERS
 from controlnext.runs import EMA, RunLog, load_checkpoint, remove_stale_temp_files, save_checkpoint, step_generator
 from controlnext.sd_pipeline import PRESETS as MODELS
 from controlnext.selection import SELECTIONS
-from controlnext.stages import LatentCache, build_stage, eval_set
+from controlnext.stages import LatentCache, build_stage, cast_frozen, eval_set
 from controlnext.video_stages import VideoStage, video_data
 
 NAMES = {"ablation": tuple(ABLATIONS), "sampler": tuple(SAMPLERS), "injection": tuple(INJECTIONS),
@@ -149,8 +149,12 @@ def main(config: TrainConfig) -> dict:
                                         config.clip_skip)
 
     # --- optimizer ------------------------------------------------------------------------------------------------
+    if amp_dtype is not None and not config.fsdp:  # frozen tensors in the compute dtype, trained ones fp32 masters
+        cast_frozen(stage, amp_dtype)  # (after the cache; FSDP casts through its MixedPrecisionPolicy instead)
+    if config.compile:
+        stage.compile_networks()
     optimizer = torch.optim.AdamW(stage.param_groups(), betas=config.adam_betas, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)  # one kernel: 3x the CPU for-loop
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     ema = EMA(params, config.ema_decay) if config.ema_decay else None
@@ -161,7 +165,8 @@ def main(config: TrainConfig) -> dict:
     log.resume_at(start)  # a resumed run keeps its metric rows up to the checkpoint
 
     def log_eval(step: int) -> dict:  # the fixed held-out set, fixed noise: curves comparable across runs
-        with parallel.gathered(net):  # FSDP: every rank evaluates (the units gather), rank 0 logs
+        with parallel.gathered(net), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):  # FSDP: every rank evaluates
             metrics, controls, images = stage.evaluate(evals, torch.Generator().manual_seed(config.eval_seed))
         log.eval(step, metrics, controls, images)
         return metrics

@@ -83,6 +83,8 @@ class TrainConfig:
     kl_weight: float = 1e-6            # vae stage: weight of the KL term (LDM's autoencoder configs use 1e-6)
     mixed_precision: str = "no"        # "no" | "bf16" | "fp16" (autocast; fp32 master weights, frozen parts in bf16/fp16)
     gradient_checkpointing: bool = False
+    compile: bool = False              # torch.compile the networks of the step (stages.py compile_networks); the first
+                                       # step compiles (minutes on a CPU), later ones run the fused kernels
     # evaluation: fixed held-out procedural set, fixed sampler and noise
     eval_every: int = 100              # steps (and step 0); also writes samples/ and plot.png; 0 = only at the end
     eval_count: int = 32               # held-out examples (fill50k, seed eval_seed)
@@ -111,7 +113,7 @@ class TrainConfig:
 
 # Fields that may change when resuming (they do not change the math of the steps already taken).
 RESUMABLE = {"max_steps", "resume", "eval_every", "log_every", "save_every", "progress", "device", "num_threads",
-             "experiment", "out_dir"}
+             "experiment", "out_dir", "compile"}
 STAGES = ("control", "base", "vae")
 CHOICES = {"stage": STAGES, "mixed_precision": ("no", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
            "prediction_type": ("", "epsilon", "v_prediction"), "eps_layout": ("sgm", "diffusers"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from controlnext.checkpoint import load_into
 from unet.blocks import TimestepMLP, timestep_embedding
@@ -70,6 +71,7 @@ class ControlNet(nn.Module):
         self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(w, w, 1) for w in plan.skips)
         self.mid_block = MidBlock(u)
         self.controlnet_mid_block = nn.Conv2d(u.channels[-1], u.channels[-1], 1)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward (the UNet's switch)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -87,6 +89,12 @@ class ControlNet(nn.Module):
         state = {k: v for k, v in unet.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
         return load_into(model, state, what="ControlNet encoder copied from the UNet", mode="partial")
 
+    def _run(self, block: nn.Module, *args):
+        # Gradient checkpointing, as UNetBody._run applies it to the UNet's blocks (diffusers' ControlNetModel too).
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, x: Tensor, t: Tensor | float, context: Tensor, hint: Tensor, y: Tensor | None = None,
                 scale: float | Tensor = 1.0) -> tuple[list[Tensor], Tensor]:
         u = self.config.unet
@@ -100,9 +108,9 @@ class ControlNet(nn.Module):
         h = self.conv_in(x) + self.controlnet_cond_embedding(hint.to(x.dtype))  # (B, C0, H, W): hint enters here
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, emb, context)  # (B, C_k, H/2^(k+1), W/2^(k+1)) but the last level
+            h, block_skips = self._run(block, h, emb, context)  # (B, C_k, H/2^(k+1), W/2^(k+1)) but the last level
             skips += block_skips
-        h = self.mid_block(h, emb, context)  # (B, C_last, h, w)
+        h = self._run(self.mid_block, h, emb, context)  # (B, C_last, h, w)
         down = [scale * zero(s) for zero, s in zip(self.controlnet_down_blocks, skips)]
         return down, scale * self.controlnet_mid_block(h)
 

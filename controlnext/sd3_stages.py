@@ -119,6 +119,10 @@ class SD3Stage(nn.Module):
         """Nothing beyond the run's checkpoints: they are the trained tensors (sample.py reads them)."""
         return None
 
+    def compile_networks(self) -> None:
+        """torch.compile the controlled MMDiT the step runs, in place (train.py --compile; names unchanged)."""
+        self.model.compile()
+
     def condition(self, images: Tensor, controls: Tensor) -> Tensor:
         """The control of a batch (B, 3, H, W) in [0, 1]: the dataset's, or the targets' super-resolution input."""
         if self.config.control_source == "super_resolution":
@@ -148,7 +152,7 @@ class SD3Stage(nn.Module):
         images = text_to_image(self.pipe, evals["prompt"], [c.empty_prompt] * len(evals["prompt"]), height=r, width=r,
                                sampler=c.sampler, steps=c.sampling_steps, guidance_scale=c.guidance_scale,
                                generator=generator, controls=[(self.model, condition, c.control_scale)],
-                               clip_skip=c.clip_skip).cpu()
+                               clip_skip=c.clip_skip).float().cpu()  # bf16/fp16 under autocast
         metrics = fill50k_metrics(images, evals["disc"], evals["circle_rgb"], evals["background_rgb"])
         if c.control_source == "super_resolution":  # the samples, and the upsampled input they should beat
             metrics |= {"psnr": psnr(images, evals["image"]), "psnr_input": psnr(condition.cpu() * 2 - 1, evals["image"])}

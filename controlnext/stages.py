@@ -32,6 +32,7 @@ from controlnext.checkpoint import read_state, save_state
 from controlnext.config import TrainConfig
 from controlnext.control_branch import branch_for
 from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
+from controlnext.controlnet import ControlNetUNet
 from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, align, build_controlled_unet, run_unet
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd3_pipeline import is_sd3  # SD3 dispatch (issue 19)
@@ -60,10 +61,21 @@ def eval_set(config: TrainConfig) -> dict:
 
 
 def sample_latents(pipe: StableDiffusion, images: Tensor, generator: torch.Generator) -> Tensor:
-    """VAE posterior sample x scale (the trainers' latents); the noise is drawn on the CPU generator."""
+    """VAE posterior sample x scale (the trainers' latents), in fp32 whatever the VAE's dtype (it runs in bf16/fp16
+    under mixed precision); the noise is drawn on the CPU generator."""
     posterior = pipe.vae.encode(images)
-    eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-    return pipe.vae.config.latent_scale * (posterior.mean + posterior.std * eps)  # (B, 4, H/8, W/8)
+    mean, std = posterior.mean.float(), posterior.std.float()
+    eps = torch.randn(mean.shape, generator=generator).to(mean)
+    return pipe.vae.config.latent_scale * (mean + std * eps)  # (B, 4, H/8, W/8)
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
+    """Mixed precision: every frozen floating-point parameter stored in the compute dtype, the trainable ones kept in
+    fp32 (the optimizer's master weights). Autocast casts each weight at every use otherwise, and the frozen UNet, VAE
+    and text towers take half the memory. Everything that runs them afterwards must run under autocast."""
+    for p in module.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 
 def loss_weight_map(control: Tensor, weight: float, factor: int) -> Tensor | None:
@@ -127,6 +139,8 @@ class ControlStage(nn.Module):
         injection = INJECTIONS[config.injection]
         branch_config = branch_for(config.branch, control_sites(pipe.config.unet)[injection.site])
         self.model = build_controlled_unet(config.ablation, pipe.unet, branch_config, injection)
+        if isinstance(self.model, ControlNetUNet):  # the encoder copy recomputes its blocks too, as diffusers' does
+            self.model.controlnet.gradient_checkpointing = config.gradient_checkpointing
         unet = select_trainable(pipe.unet, config.trainable)
         self.groups = {"control": self.model.control_parameters(), "unet": {f"unet.{n}": p for n, p in unet.items()}}
         self.alphas_cumprod = make_alphas_cumprod(pipe.config.schedule)
@@ -139,6 +153,11 @@ class ControlStage(nn.Module):
     def export(self, run: Path, ema) -> Path | None:
         """Nothing beyond the run's checkpoints: they are the trained tensors (sample.py and export read them)."""
         return None
+
+    def compile_networks(self) -> None:
+        """torch.compile the controlled UNet the step runs (branch + UNet + injection as one graph), in place: the
+        parameter names, and so the checkpoints, are unchanged. Evaluation samples through the eager modules."""
+        self.model.compile()
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.groups["control"].values()), "lr": self.config.control_lr},
@@ -197,7 +216,7 @@ class ControlStage(nn.Module):
         images = text_to_image(self.pipe, evals["prompt"], [c.empty_prompt] * len(evals["prompt"]), height=r, width=r,
                                sampler=c.sampler, steps=c.sampling_steps, guidance_scale=c.guidance_scale,
                                generator=generator, controls=[(self.model, evals["control"], c.control_scale)],
-                               clip_skip=c.clip_skip).cpu()
+                               clip_skip=c.clip_skip).float().cpu()
         metrics = fill50k_metrics(images, evals["disc"], evals["circle_rgb"], evals["background_rgb"])
         return metrics, evals["control"], images
 
@@ -232,6 +251,12 @@ class BaseStage(nn.Module):
     def export(self, run: Path, ema) -> Path:
         return export_pipeline(self, run, ema)
 
+    def compile_networks(self) -> None:
+        """torch.compile the UNet and the text tower(s) in place (evaluation samples through them too)."""
+        self.pipe.unet.compile()
+        for tower in self.pipe.text_encoders:
+            tower.compile()
+
     def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
         return {}
 
@@ -252,7 +277,7 @@ class BaseStage(nn.Module):
         c, r = self.config, self.config.resolution
         images = text_to_image(self.pipe, evals["prompt"], [c.empty_prompt] * len(evals["prompt"]), height=r, width=r,
                                sampler=c.sampler, steps=c.sampling_steps, guidance_scale=c.guidance_scale,
-                               generator=generator).cpu()
+                               generator=generator).float().cpu()
         metrics = fill50k_metrics(images, evals["disc"], evals["circle_rgb"], evals["background_rgb"])
         return metrics, evals["control"], images
 
@@ -270,6 +295,13 @@ class VAEStage(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.groups["all"].values()), "lr": self.config.lr}]
+
+    def compile_networks(self) -> None:
+        """torch.compile the encoder's and decoder's blocks in place (encode / decode call their parts, not their
+        forward), where a VAE step spends its time."""
+        vae = self.pipe.vae
+        for block in [*vae.encoder.down_blocks, vae.encoder.mid_block, vae.decoder.mid_block, *vae.decoder.up_blocks]:
+            block.compile()
 
     def diagnostics(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
         return {}
@@ -301,7 +333,7 @@ class VAEStage(nn.Module):
     def evaluate(self, evals: dict, generator: torch.Generator) -> tuple[dict, Tensor, Tensor]:
         """Reconstruction of the held-out images through the posterior mode: MSE and PSNR in [0, 1], palette error."""
         images = evals["image"].to(next(self.pipe.vae.parameters()).device)
-        recon = self.pipe.vae(images).cpu()
+        recon = self.pipe.vae(images).float().cpu()
         mse = (((recon.clamp(-1, 1) - evals["image"]) / 2) ** 2).mean().item()
         metrics = {"recon_mse": mse, "psnr": -10 * np.log10(max(mse, 1e-12)),
                    **fill50k_metrics(recon, evals["disc"], evals["circle_rgb"], evals["background_rgb"])}

@@ -75,6 +75,10 @@ class VideoStage(nn.Module):
         the parameters by their shards."""
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
+    def compile_networks(self) -> None:
+        """torch.compile the controlled video UNet the step runs, in place (train.py --compile; names unchanged)."""
+        self.model.compile()
+
     def param_groups(self) -> list[dict]:
         params = self.trainable()
         return [{"params": [p for n, p in params.items() if not n.startswith("unet.")], "lr": self.config.control_lr},

@@ -1,13 +1,19 @@
 """Benchmark: our SD1.5 UNet against diffusers' UNet2DConditionModel, same weights, one process, interleaved.
 
-Question: is our UNet at least as fast as diffusers'? (Issue 2 asks for a ratio <= 1.0, goal 1.15x faster.)
-Command (CPU, the recorded row):   python experiments/bench_unet.py
-GPU rows:                          python experiments/bench_unet.py --device=cuda --dtype=fp16 --size=64 --batch=2
+Question: is our UNet at least as fast as diffusers'? (Issue 2 asks for a ratio <= 1.0, issue 17 for 1.15x faster at
+each one's best setting: eager or torch.compile'd, fp32 or bf16.)
+Command (CPU):    python experiments/bench_unet.py [--dtype=bf16] [--compile] [--threads=1]
+GPU rows:         python experiments/bench_unet.py --device=cuda --dtype=fp16 --size=64 --batch=2 [--compile]
 Method: full SD1.5 config with random weights (diffusers' init, copied into ours), one denoising step at a latent of
 `size`x`size`, `batch` samples, 77 context tokens; runs alternate ours/diffusers and each pair gives a ratio
 (ours / diffusers), so slow drift of the machine cancels; we report medians. On the CPU the default clock is the
 process's CPU time (all threads), which leaves out the time spent waiting for a core on a shared machine; `--clock=wall`
-for an idle one. diffusers is a benchmark-only import.
+for an idle one. `--dtype` casts both models and inputs (pure bf16/fp16 inference). `--compile`: torch.compile
+(inductor, default mode) on both modules; the first call compiles and is reported apart (wall clock: inductor compiles
+C++ in worker processes, outside this process's CPU time). `--freezing`: inductor's inference-only constant folding
+(weights prepacked for oneDNN; torch._inductor.config.freezing), the CPU inference setting. `--profile=PATH`: the top
+operators of one call of each.
+diffusers is a benchmark-only import.
 """
 
 import argparse
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
@@ -41,6 +48,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--clock", default="", choices=["", "process", "wall"], help="default: process on CPU, wall on GPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    parser.add_argument("--freezing", action="store_true", help="with --compile: inductor freezing (inference)")
+    parser.add_argument("--profile", default="", help="write a torch.profiler table of one call of each here")
     args = parser.parse_args()
     clock = time.process_time if (args.clock or ("wall" if args.device != "cpu" else "process")) == "process" \
         else time.perf_counter
@@ -66,8 +76,14 @@ def main() -> None:
 
     run_ours = lambda: ours(x, t, context, y)  # noqa: E731
     run_reference = lambda: reference(x, t, context, **extra)  # noqa: E731
+    compile_s = {}
+    if args.compile:
+        inductor_config.freezing = args.freezing
+        ours.compile()
+        reference.compile()
     with torch.inference_mode():
-        timed(run_ours), timed(run_reference)  # warm-up: allocator, oneDNN/cuDNN kernel choice
+        for name, fn in (("ours", run_ours), ("diffusers", run_reference)):  # warm-up: kernel choice, (compilation)
+            compile_s[name] = table2_latency.timed(fn, device, time.perf_counter)
         ours_times, reference_times = [], []
         for i in tqdm(range(args.repeats), desc="interleaved pairs"):
             # Alternate which one goes first so neither always runs on a warmer cache.
@@ -77,9 +93,20 @@ def main() -> None:
             else:
                 reference_times.append(timed(run_reference))
                 ours_times.append(timed(run_ours))
+        if args.profile:
+            tables = []
+            for name, fn in (("ours", run_ours), ("diffusers", run_reference)):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    fn()
+                tables += [f"== {name}", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)]
+            Path(args.profile).write_text("\n".join(tables))
     ratios = [o / r for o, r in zip(ours_times, reference_times)]
     print(f"{args.preset} latent {args.size}x{args.size} batch {args.batch} {args.dtype} {device} "
-          f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}; load average {os.getloadavg()}")
+          f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}{' compiled' if args.compile else ''}"
+          f"{' + freezing' if args.freezing else ''}; "
+          f"load average {os.getloadavg()}")
+    print(f"first call (wall, {'compile + ' if args.compile else ''}warm-up): ours {compile_s['ours']:.1f} s, "
+          f"diffusers {compile_s['diffusers']:.1f} s")
     print(f"ours      median {statistics.median(ours_times) * 1e3:9.1f} ms")
     print(f"diffusers median {statistics.median(reference_times) * 1e3:9.1f} ms")
     print(f"ratio ours/diffusers: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
