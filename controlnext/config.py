@@ -68,6 +68,11 @@ class TrainConfig:
     frame_interval: int = 3            # stride between a clip's frames; <= 0 draws it from 2..7 (official: 3)
     video_width: int = 64              # clip size in pixels, multiples of 8 (official 576 x 1024); the toy is square
     video_height: int = 64
+    video_buckets: tuple[tuple[int, int], ...] = ()  # clip sizes (width, height) for datasets that mix sizes: each clip
+                                       # trains at the bucket nearest its aspect ratio, a step's batch is one bucket
+                                       # (video_data.py); multiples of 8, best 64 (SVD-XT's latents then halve evenly
+                                       # 3 times) at about one pixel budget: 576 x 1024 -> ((576, 1024), (1024, 576),
+                                       # (768, 768)); () = every clip at video_width x video_height
     # optimisation (official SD1.5: AdamW, lr 1e-5, branch 1e-4, betas (0.9, 0.999), wd 1e-2, eps 1e-8)
     max_steps: int = 400               # optimizer steps
     batch_size: int = 32               # per process and micro-batch
@@ -154,6 +159,16 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
     for field in ("video_width", "video_height"):
         if getattr(config, field) <= 0 or getattr(config, field) % 8:
             raise ValueError(f"--{field}={getattr(config, field)}: must be a positive multiple of 8 (the VAE stride)")
+    buckets = config.video_buckets
+    if not all(isinstance(b, tuple) and len(b) == 2 and all(type(v) is int and v > 0 and v % 8 == 0 for v in b)
+               for b in buckets):
+        raise ValueError(f"--video_buckets={buckets}: each bucket must be (width, height), positive multiples of 8 "
+                         f"(the VAE stride)")
+    if len(set(buckets)) < len(buckets):
+        raise ValueError(f"--video_buckets={buckets}: a bucket is listed twice")
+    if buckets and config.dataset == "fill50k":
+        raise ValueError("--video_buckets: the moving-disc toy (--dataset=fill50k) is square; buckets are for clip "
+                         "datasets (a meta_info .json or a folder of clip folders)")
     if config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
     if config.fsdp and config.mixed_precision == "fp16":
