@@ -15,7 +15,7 @@ Video: an SVD --pretrained trains ControlNeXt-SVD-v2 (controlnext/video_stages.p
 moving-disc toy or pose-video clips; `torchrun ... train.py experiments/svd_pose.py --fsdp` shards the full UNet
 fine-tune (FSDP, sharded checkpoints: controlnext/parallel.py). An SD3 --pretrained trains through
 controlnext/sd3_stages.py (stages.build_stage dispatches both).
-Left out: aspect-ratio buckets, wandb.
+Left out: aspect-ratio buckets for images (video has them: --video_buckets), wandb.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ them as given, i.e. relative to the working directory):
 `MovingFill50k` is a procedural toy that runs on CPU: a fill50k disc (controlnext/data.py: colours, prompt, centre;
 radius halved) moving along a line or an arc over the clip, its ring outline as the pose, and the same clip
 structure (frame 0 is the reference, taken at a uniform time on the path). It is a pure function of (index, seed).
+Resolution buckets (not in the official trainer, which trains every clip at one size): with `buckets`, a
+list of (width, height), each clip trains at the bucket nearest its own aspect ratio (its first frame's size, read
+once), cropped to that aspect and resized as above, so a mixed set of portrait and landscape clips loses little to
+the crop. train.py's batches (controlnext/video_stages.py video_batch) hold clips of one bucket: `step_bucket`.
 Left out: the official try/except that silently replaces an unreadable or too-short video by a random other one
 (here it is an error naming the clip), and the unused `stage`/`ref_aug` arguments of UBCFashion.
 """
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,7 @@ HAND_MARGIN = 10          # vid_dataset.py draw_mask: hand boxes grow by 10 vide
 HAND_MIN_SCORE = 0.5      # a hand counts when its mean keypoint score is above this
 HAND_LEVEL = 0.8          # the mask value on a counted hand
 HAND_GAIN = 4.0           # loss weight = 1 + HAND_GAIN * mask: 4.2 on confident hands
+BUCKET_STREAM = 1         # spawn key of the per-step bucket draw (step_bucket)
 
 
 # --- layouts ----------------------------------------------------------------------------------------------------------
@@ -208,30 +214,72 @@ def crop_box(height: int, width: int, target_height: int, target_width: int,
     return 0, _randint(0, width - crop_w, generator), crop_h, crop_w
 
 
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the (width, height) bucket whose aspect ratio is nearest width / height, measured in log ratio
+    (a 2:1 landscape is as far from square as a 1:2 portrait); ties go to the earlier bucket."""
+    ratio = math.log(width / height)
+    distances = [round(abs(ratio - math.log(w / h)), 9) for w, h in buckets]  # rounded: exact ties stay ties
+    return distances.index(min(distances))
+
+
+def step_bucket(counts: Sequence[int], seed: int, step: int) -> int:
+    """The bucket of every micro-batch of `step` on every rank: the bucket of one clip drawn uniformly, so a bucket
+    comes up in proportion to its clips (an empty one never). The stream depends on (seed, step) alone: the ranks
+    agree without communicating and a resumed run draws the same buckets."""
+    state = np.random.SeedSequence([seed, step], spawn_key=(BUCKET_STREAM,))  # apart from step_generator's streams
+    clip = np.random.default_rng(state).integers(sum(counts))
+    return int(np.searchsorted(np.cumsum(counts), clip, side="right"))
+
+
 def _resize(x: Tensor, height: int, width: int) -> Tensor:
     """torchvision Resize((height, width), antialias=True) on float tensors: antialiased bilinear."""
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
 class VideoClips:
-    """Pose-video clips in either layout (module docstring), sampled as the official SVD-v2 trainer samples them."""
+    """Pose-video clips in either layout (module docstring), sampled as the official SVD-v2 trainer samples them;
+    at width x height, or with `buckets` each clip at the (width, height) bucket nearest its aspect ratio."""
 
-    def __init__(self, clips: list[Clip], *, width: int, height: int, num_frames: int, interval: int):
-        if width <= 0 or height <= 0 or width % 8 or height % 8:
-            raise ValueError(f"width and height must be positive multiples of 8 (the VAE stride), got {width}x{height}")
+    def __init__(self, clips: list[Clip], *, width: int, height: int, num_frames: int, interval: int,
+                 buckets: tuple[tuple[int, int], ...] = ()):
+        self.sizes = tuple(buckets) or ((width, height),)  # (width, height) per bucket
+        for w, h in self.sizes:
+            if w <= 0 or h <= 0 or w % 8 or h % 8:
+                raise ValueError(f"width and height must be positive multiples of 8 (the VAE stride), got {w}x{h}")
         if not clips or num_frames < 1:
             raise ValueError(f"VideoClips needs clips and num_frames >= 1, got {len(clips)} clips, {num_frames}")
-        self.clips, self.width, self.height = clips, width, height
-        self.num_frames, self.interval = num_frames, interval
+        self.clips, self.num_frames, self.interval = clips, num_frames, interval
         self._lengths: dict[int, int] = {}
         self._hands: dict[int, list] = {}
+        self._frame_sizes: dict[int, tuple[int, int]] = {}
+        self._members: list[list[int]] | None = None
 
     @classmethod
-    def from_path(cls, path: str | Path, *, width: int, height: int, num_frames: int, interval: int) -> VideoClips:
+    def from_path(cls, path: str | Path, *, width: int, height: int, num_frames: int, interval: int,
+                  buckets: tuple[tuple[int, int], ...] = ()) -> VideoClips:
         """A meta_info .json file (official layout) or a folder of clip folders (plain layout)."""
         path = Path(path)
         clips = read_meta_info(path) if path.suffix.lower() == ".json" else read_clip_folders(path)
-        return cls(clips, width=width, height=height, num_frames=num_frames, interval=interval)
+        return cls(clips, width=width, height=height, num_frames=num_frames, interval=interval, buckets=buckets)
+
+    def frame_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of clip `index`'s first frame; read once, then cached."""
+        if index not in self._frame_sizes:
+            height, width = read_frames_at(self.clips[index].frames, [0]).shape[1:3]  # (1, h, w, 3)
+            self._frame_sizes[index] = (width, height)
+        return self._frame_sizes[index]
+
+    def bucket(self, index: int) -> int:
+        """The bucket clip `index` trains in (one bucket: 0, without opening the clip)."""
+        return nearest_bucket(*self.frame_size(index), self.sizes) if len(self.sizes) > 1 else 0
+
+    def members(self) -> list[list[int]]:
+        """Clip indices per bucket; the first call opens every clip's first frame once."""
+        if self._members is None:
+            self._members = [[] for _ in self.sizes]
+            for index in range(len(self.clips)):
+                self._members[self.bucket(index)].append(index)
+        return self._members
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -268,13 +316,14 @@ class VideoClips:
             self._hands[index] = read_hands(clip.meta, length)
         mask = hand_mask([self._hands[index][i] for i in ids], h, w) if clip.meta else torch.zeros(len(ids), 1, h, w)
 
-        top, left, crop_h, crop_w = crop_box(h, w, self.height, self.width, generator)
+        width, height = self.sizes[self.bucket(index)]
+        top, left, crop_h, crop_w = crop_box(h, w, height, width, generator)
         rgb_t = torch.from_numpy(rgb[:-1]).permute(0, 3, 1, 2).float() / 255  # (F, 3, h, w) in [0, 1]
         pose_t = torch.from_numpy(pose[:-1]).permute(0, 3, 1, 2).float() / 255
         crop = (..., slice(top, top + crop_h), slice(left, left + crop_w))  # the same window in every tensor
-        frames = _resize(rgb_t[crop], self.height, self.width) * 2 - 1  # (F, 3, H, W) in [-1, 1]
-        control = _resize(pose_t[crop], self.height, self.width)  # (F, 3, H, W) in [0, 1]
-        weight = 1 + HAND_GAIN * _resize(mask[crop], self.height, self.width)  # (F, 1, H, W)
+        frames = _resize(rgb_t[crop], height, width) * 2 - 1  # (F, 3, H, W) in [-1, 1]
+        control = _resize(pose_t[crop], height, width)  # (F, 3, H, W) in [0, 1]
+        weight = 1 + HAND_GAIN * _resize(mask[crop], height, width)  # (F, 1, H, W)
         weight[0] = 1  # the reference frame carries no hand weight
         return {"frames": frames, "reference": frames[0].clone(), "control": control, "loss_weight": weight,
                 "frame_ids": torch.tensor(ids), "reference_id": ref}

@@ -16,11 +16,11 @@ dvlab-research/ControlNeXt@ab4b3ac ControlNeXt-SVD-v2-Training/train_svd.py (../
   - added ids [fps_id 6, motion bucket 127, noise_aug 0.02]; injection svd_v2 (after down block 0, CN eps 1e-5,
     CN then pool, k = 0.2 x --control_scale); trainable: the branch and the whole UNet (official) or a selection.
 Data (controlnext/video_data.py): VideoClips (the official meta_info layout, or clip folders) or MovingFill50k (the
-toy). Evaluation: held-out toy clips sampled by svd_pipeline.image_to_video, scored by the disc IoU of the generated
+toy); --video_buckets trains clips of mixed sizes at the bucket nearest each one's aspect ratio, one bucket a step. Evaluation: held-out toy clips sampled by svd_pipeline.image_to_video, scored by the disc IoU of the generated
 frames 1..F-1 (frame 0 is the reference). Added on top by train.py: warmup, clipping, EMA, fp32 master weights,
 DDP or FSDP. The UNet is called with the control hook directly (not through ControlNeXtUNet.forward) so that
 --frame_chunk reaches it; the hook is controlnext/sampling.py summed_controls, the method's one-branch form.
-Left out: resolution buckets (one clip size per run), the official EMA (stepped with the wrong parameters,
+Left out: the official EMA (stepped with the wrong parameters,
 controlnext.md §8 item 11), the ControlNet baseline arm on SVD (controlnext/controlnet.py is built for the SD UNets).
 """
 
@@ -40,7 +40,7 @@ from controlnext.runs import step_generator
 from controlnext.sampling import summed_controls
 from controlnext.selection import select_trainable
 from controlnext.svd_pipeline import StableVideoDiffusion, image_to_video
-from controlnext.video_data import MovingFill50k, VideoClips, video_iou
+from controlnext.video_data import MovingFill50k, VideoClips, step_bucket, video_iou
 from schedulers.training import svd_training_noise
 from unet.svd_unet import svd_added_time_ids
 
@@ -150,7 +150,8 @@ def video_dataset(config: TrainConfig) -> MovingFill50k | VideoClips:
                              f"{config.video_width} and --video_height={config.video_height}")
         return MovingFill50k(config.video_width, config.num_frames, seed=config.dataset_seed)
     return VideoClips.from_path(config.dataset, width=config.video_width, height=config.video_height,
-                                num_frames=config.num_frames, interval=config.frame_interval)
+                                num_frames=config.num_frames, interval=config.frame_interval,
+                                buckets=config.video_buckets)
 
 
 def video_eval_set(config: TrainConfig) -> dict:
@@ -165,13 +166,24 @@ def video_eval_set(config: TrainConfig) -> dict:
 
 
 def video_batch(dataset, config: TrainConfig, step: int, micro: int) -> tuple[torch.Generator, dict]:
-    """Micro-batch `micro` of `step`: clips drawn and sampled from (seed, step, micro) only (exact resume, DDP)."""
+    """Micro-batch `micro` of `step`: clips drawn and sampled from (seed, step, micro) only (exact resume, DDP).
+    With --video_buckets every micro-batch of the step, on every rank, draws from the one bucket step_bucket picks
+    from (seed, step), uniformly with replacement (a bucket smaller than the batch repeats clips)."""
     g = step_generator(config.seed, step, micro)
-    index = torch.randint(len(dataset), (config.batch_size,), generator=g)
-    clips = [dataset.sample(i, g) for i in index.tolist()]
+    if config.video_buckets:
+        members = dataset.members()
+        bucket = members[step_bucket([len(m) for m in members], config.seed, step)]  # clip indices
+        index = [bucket[i] for i in torch.randint(len(bucket), (config.batch_size,), generator=g).tolist()]
+    else:
+        index = torch.randint(len(dataset), (config.batch_size,), generator=g).tolist()
+    clips = [dataset.sample(i, g) for i in index]
     return g, {key: torch.stack([clip[key] for clip in clips]) for key in CLIP_KEYS}
 
 
 def video_data(config: TrainConfig) -> tuple[object, dict, object]:
-    """(dataset, held-out set, batch function) of the video stage: what train.py's data section needs."""
-    return video_dataset(config), video_eval_set(config), video_batch
+    """(dataset, held-out set, batch function) of the video stage: what train.py's data section needs. With
+    --video_buckets the clips are assigned to buckets now, so that an unreadable clip stops the run before it writes."""
+    dataset = video_dataset(config)
+    if config.video_buckets:
+        dataset.members()
+    return dataset, video_eval_set(config), video_batch
