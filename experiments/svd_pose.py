@@ -32,6 +32,7 @@ config = TrainConfig(
     frame_interval=3,
     video_width=576,
     video_height=1024,
+    video_buckets=(),                # official: one size; mixed sets: ((576, 1024), (1024, 576), (768, 768))
     fps_id=6,                        # the trainer's added ids
     motion_bucket_id=127,
     noise_aug=0.02,
