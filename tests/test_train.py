@@ -22,7 +22,7 @@ from controlnext.controlnext import ABLATIONS
 from controlnext.checkpoint import read_state
 from controlnext.config import TrainConfig
 from controlnext.data import Fill50k, fill50k_tokenizer, write_fill50k
-from controlnext.runs import EMA, load_checkpoint
+from controlnext.runs import EMA, load_checkpoint, step_generator
 from controlnext.sd_pipeline import PRESETS, StableDiffusion, load_sd
 from controlnext.stages import ControlStage, build_stage, weighted_mean
 from schedulers.sigmas import SD15 as SD15_SCHEDULE, make_alphas_cumprod
@@ -368,3 +368,17 @@ def test_min_snr_weighted_loss_closed_form():
     torch.testing.assert_close(weighted_mean(err, t, abar, gamma5, "epsilon"), (w[0] * 1 + w[1] * 3) / 2,
                                rtol=1e-6, atol=0)
     torch.testing.assert_close(weighted_mean(err, t, abar, TrainConfig(), "epsilon"), torch.tensor(2.0))
+
+
+def test_prompt_dropout_draws_after_the_indices_and_empties_the_drawn_share():
+    """--proportion_empty_prompts p: sample i's prompt is replaced by the empty prompt when u_i < p, u drawn from the
+    micro-batch's generator right after the indices (diffusers' train_controlnet.py: random.random() < p). The
+    default p = 0 never drops, so the runs above cannot see a reversed comparison (which would drop 1 - p)."""
+    items = [{"image": torch.zeros(3, 2, 2), "control": torch.zeros(3, 2, 2), "prompt": f"p{i}"} for i in range(10)]
+    config = dataclasses.replace(TrainConfig(), batch_size=64, proportion_empty_prompts=0.25, seed=3)
+    _, batch = train.batch_for(items, config, step=5, micro=1)
+    g = step_generator(3, 5, 1)
+    index = torch.randint(10, (64,), generator=g)
+    dropped = torch.rand(64, generator=g) < 0.25
+    assert torch.equal(batch["index"], index) and torch.equal(batch["dropped"], dropped) and 0 < dropped.sum() < 32
+    assert batch["prompt"] == [config.empty_prompt if d else f"p{i}" for i, d in zip(index.tolist(), dropped.tolist())]
