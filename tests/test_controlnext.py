@@ -410,3 +410,23 @@ def test_table1_within_half_a_million():
             assert abs(learnable - paper[1]) < 0.5 or math.floor(learnable) == paper[1], (model, method, learnable, paper)
         checked += 1
     assert checked >= 6
+
+
+def test_strength_is_scale_times_gain_times_learned_scale_times_gamma():
+    """k of every arm in closed form: scale * gain [* raw or sigmoid(learned scale)] [* γ]. The preset tests run at
+    gain 1 or with γ = 1, so a k that drops the gain in the paper arm or swaps raw and sigmoid is only visible here."""
+    unet = UNet(TINY)
+    paper = build_controlled_unet("paper_norm", unet, BRANCH_TINY, replace(cnx.SD15_TRAIN, gain=0.2))
+    with torch.no_grad():
+        paper.gamma.fill_(0.5)
+    torch.testing.assert_close(paper.strength(0.8), torch.tensor(0.8 * 0.2 * 0.5), rtol=1e-6, atol=0)
+    learned = replace(BRANCH_TINY, learnable_scale=True)
+    for kind, expected in (("raw", 0.8 * 1.3 * -0.4), ("sigmoid", 0.8 * 1.3 / (1 + math.exp(0.4)))):
+        model = build_controlled_unet("cross_norm", unet, learned, replace(cnx.SD15_TRAIN, gain=1.3, scale=kind))
+        with torch.no_grad():
+            model.branch.scale.fill_(-0.4)
+        torch.testing.assert_close(model.strength(0.8), torch.tensor(expected), rtol=1e-6, atol=0)
+    # per sample (B, 1, 1, 1) over F frames -> (B*F, 1, 1, 1), frame-major within each sample as SVDUNet folds them
+    plain = build_controlled_unet("cross_norm", unet, BRANCH_TINY, cnx.SD15_TRAIN)
+    k = plain.strength(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), frames=3)
+    assert k.flatten().tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]

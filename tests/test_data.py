@@ -2,6 +2,7 @@
 tokenizer, and inputs that used to fail deep inside (non-UTF-8 index files, 16-bit grey images)."""
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from controlnext import cli
 from controlnext.data import (COLORS, VOCAB, Fill50k, FolderDataset, fill50k_example, fill50k_params, fill50k_tokenizer,
                               load_image, parse_prompt, render, validation_example, write_fill50k)
-from controlnext.metrics import color_error, fill50k_metrics, fill_iou
+from controlnext.metrics import color_error, fill50k_metrics, fill_iou, palette_error
 
 
 # --- generator --------------------------------------------------------------------------------------------------------
@@ -231,3 +232,18 @@ def test_sixteen_bit_grey_images_keep_their_values(tmp_path):
     Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "int32.tif")  # mode "I"
     with pytest.raises(ValueError, match="32-bit"):
         load_image(tmp_path / "int32.tif", 8)
+
+
+def test_palette_and_colour_errors_closed_forms():
+    """palette error = mean over pixels of sqrt(mean_channels (x - nearer prompt colour)^2); colour errors = mean |x -
+    colour| over the disc's (outside's) pixels and channels. Two pixels: one 0.3 off the circle colour in one channel,
+    one on the background colour: sqrt(0.09 / 3) / 2, where a square root taken after the pixel mean gives
+    sqrt(0.015) and an RMS over channels summed instead of averaged sqrt(0.09) / 2."""
+    circle, background = [(0, 0, 0)], [(255, 255, 255)]
+    image = torch.tensor([[0.3, 1.0], [0.0, 1.0], [0.0, 1.0]]).view(1, 3, 1, 2)
+    torch.testing.assert_close(palette_error(image, circle, background), torch.tensor([math.sqrt(0.03) / 2]),
+                               rtol=1e-6, atol=0)
+    disc = torch.tensor([[[True, False]]])
+    err_in, err_out = color_error(image, disc, circle, background)
+    torch.testing.assert_close(err_in, torch.tensor([0.1]), rtol=1e-6, atol=0)  # 0.3 over 3 channels of 1 pixel
+    torch.testing.assert_close(err_out, torch.tensor([0.0]), rtol=0, atol=1e-7)

@@ -135,3 +135,12 @@ def test_training_noise_statistics(shift):
         flow_training_noise(x0, cfg, std=0.0)
     with pytest.raises(ValueError, match="at least 1"):
         flow_sigmas(cfg, 0)
+
+
+def test_logit_normal_mean_and_std_in_closed_form():
+    # sigma = shift(sigmoid(mean + std n)) with n the generator's draw: the statistics test above runs at mean 0,
+    # where a dropped or misplaced mean passes
+    n = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    _, t, _ = flow_training_noise(torch.zeros(6, 2), SD3, mean=0.5, std=0.7, generator=torch.Generator().manual_seed(3))
+    u = torch.sigmoid(0.5 + 0.7 * n)
+    assert_close(t, 1000 * (3.0 * u / (1 + 2.0 * u)), rtol=1e-6, atol=0)  # shift 3 closed form

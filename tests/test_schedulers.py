@@ -15,6 +15,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_zero_snr
+from diffusers.training_utils import compute_snr
 
 from schedulers import guidance, samplers, sigmas as S, training
 from schedulers.denoisers import EDMVDenoiser, EpsDenoiser, VDenoiser, make_denoiser
@@ -457,3 +458,33 @@ def test_bad_input_raises():
         samplers.sample_euler(gaussian_denoiser, torch.zeros(3), torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError):
         training.target("x0", _z(), _z(), torch.tensor([0, 1]), ABAR)
+
+
+def test_min_snr_weight_against_diffusers_compute_snr():
+    # Hang et al. 2023 Eq. 8-9 as diffusers' train_text_to_image.py writes it on compute_snr (an independent oracle):
+    # w = min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v. t covers SNR above and below gamma.
+    sch = DDPMScheduler(**{k: v for k, v in SD15_JSON.items() if k not in ("skip_prk_steps", "set_alpha_to_one")})
+    t = torch.tensor([0, 10, 150, 300, 500, 999])
+    snr = compute_snr(sch, t)
+    assert snr.min() < 5 < snr.max()
+    clipped = torch.stack([snr, torch.full_like(snr, 5.0)]).min(dim=0)[0]
+    torch.testing.assert_close(training.min_snr_weight(t, ABAR, 5.0, "epsilon"), clipped / snr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(training.min_snr_weight(t, ABAR, 5.0, "v_prediction"), clipped / (snr + 1),
+                               rtol=1e-5, atol=0)  # float32 SNR there, float64 here: measured 2.2e-7 relative
+
+
+def test_offset_noise_is_one_draw_per_sample_and_channel():
+    # Guttenberg 2023: eps + s n, n ~ N(0, 1) of shape (B, C, 1, 1), drawn after t and eps from the same generator
+    x0, s = _z(4), 0.3
+    x_t, t, target = training.sd_training_noise(x0, ABAR, generator=torch.Generator().manual_seed(1), noise_offset=s)
+    g = torch.Generator().manual_seed(1)
+    t_ref = torch.randint(0, 1000, (SHAPE[0],), generator=g)
+    eps = torch.randn(SHAPE, generator=g) + s * torch.randn(SHAPE[:2], generator=g)[..., None, None]
+    assert torch.equal(t, t_ref)
+    torch.testing.assert_close(target, eps, rtol=0, atol=1e-6)  # the same draws, float32 arithmetic
+    abar = ABAR[t_ref].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps, rtol=0, atol=1e-6)
+    # the v target carries the offset noise too (Salimans & Ho's v of the noise actually added)
+    _, _, v = training.sd_training_noise(x0, ABAR, "v_prediction", generator=torch.Generator().manual_seed(1),
+                                         noise_offset=s)
+    torch.testing.assert_close(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0, rtol=0, atol=1e-6)

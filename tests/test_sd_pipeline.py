@@ -13,7 +13,7 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UniPCMultistepScheduler)
 
-from controlnext.sd_pipeline import detect_family, load_sd, text_to_image
+from controlnext.sd_pipeline import detect_family, load_sd, read_tokenizer, text_to_image
 from tests.sd_fixtures import tiny_sd15, tiny_sdxl
 
 PROMPTS = ["red circle with blue background", "aqua circle with white background"]
@@ -76,6 +76,20 @@ def test_prompt_encoding_matches_diffusers(folders, references, name):
         assert negative.abs().max() == 0 and context.abs().max() == 0 and pooled.abs().max() == 0
         assert ours.vector(pooled, (64, 96)).shape == (2, 32 + 6 * 256)
 
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_single_file_tokenizers_pad_as_each_tower_was_trained(folders, references, name):
+    """A single file carries no tokenizer: read_tokenizer builds one per tower from one vocabulary, each with its
+    family's pad (SDXL: eos for CLIP-L, "!" = id 0 in open_clip for bigG). The folder loader above reads the pads from
+    each tokenizer_*/ json instead, so only these ids, against transformers on the same folders, see that table."""
+    ref = references[name]
+    expected = [ref.tokenizer] + ([ref.tokenizer_2] if name == "sdxl" else [])
+    ours = read_tokenizer(folders[name] / "tokenizer", "sdxl" if name == "sdxl" else "sd1")
+    assert len(ours) == len(expected)
+    for tokenizer, oracle in zip(ours, expected):
+        ids = oracle(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        assert torch.equal(tokenizer(PROMPTS), ids)
 
 def test_family_detection_and_bad_sources(tmp_path):
     assert detect_family({"cond_stage_model.transformer.text_model.x": torch.zeros(1)}) == "sd1"

@@ -10,7 +10,7 @@ import torch
 
 from controlnext.checkpoint import KeyMap, save_state
 from controlnext.releases import load_unet_weights, weight_increments
-from controlnext.selection import count_selected, merge_lora, select_trainable
+from controlnext.selection import count_selected, merge_lora, select_trainable, selected_names
 from unet.keymap import unet_original_rows
 from unet.sd_unet import SD15, SDXL, TINY, UNet
 from unet.svd_unet import SVD_XT, SVDUNet
@@ -32,6 +32,12 @@ def test_selection_counts_full_configs():
     with torch.device("meta"):
         svd = SVDUNet(SVD_XT)
     assert count_selected(svd, "to_out") == 49_611_520 and count_selected(svd, "to_out_to_v") == 99_951_360
+    # Names, not only counts: to_k and to_v have the same shapes in every attention, so a count cannot tell them
+    # apart; the selections must be exactly the tensors their official lines name
+    to_out_to_v = [n for n, _ in svd.named_parameters() if ".to_out." in n or ".to_v." in n]
+    assert selected_names(svd, "to_out_to_v") == to_out_to_v and any(".to_v." in n for n in to_out_to_v)
+    attn2 = [n for n, _ in sdxl.named_parameters() if ".attn2.to_out." in n]
+    assert selected_names(sdxl, "attn2_to_out") == attn2 and len(attn2) == 140  # 70 blocks x (weight, bias)
     params = select_trainable(sd15, "to_out")
     assert len(params) == 64 and sum(p.numel() for p in params.values()) == 24_805_760
     assert sum(p.numel() for p in sd15.parameters() if p.requires_grad) == 24_805_760

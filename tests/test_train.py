@@ -22,9 +22,10 @@ from controlnext.controlnext import ABLATIONS
 from controlnext.checkpoint import read_state
 from controlnext.config import TrainConfig
 from controlnext.data import Fill50k, fill50k_tokenizer, write_fill50k
-from controlnext.runs import EMA, load_checkpoint
+from controlnext.runs import EMA, load_checkpoint, step_generator
 from controlnext.sd_pipeline import PRESETS, StableDiffusion, load_sd
-from controlnext.stages import ControlStage, build_stage
+from controlnext.stages import ControlStage, build_stage, weighted_mean
+from schedulers.sigmas import SD15 as SD15_SCHEDULE, make_alphas_cumprod
 from tests.sd_fixtures import tiny_sd15, tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -351,3 +352,33 @@ def test_the_real_weight_recipes_run_on_tiny_checkpoints(tmp_path, recipe, famil
                                              "--progress=False", "--num_threads=1"])
     result = train.main(config)
     assert all(math.isfinite(x) for x in result["losses"]) and (Path(result["run"]) / "latent_cache.safetensors").is_file()
+
+
+def test_min_snr_weighted_loss_closed_form():
+    """--snr_gamma: the batch loss is mean_i(w_i mean(err_i)) with w_i = min(SNR_i, gamma) / SNR_i (eps); off, the
+    plain mean. Two samples with different errors and SNRs on either side of gamma: a weight applied to the batch
+    mean instead of per sample, or a summed batch, gives another number."""
+    abar = make_alphas_cumprod(SD15_SCHEDULE)
+    t = torch.tensor([20, 700])
+    err = torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 3.0)])  # per-sample mean errors 1 and 3
+    snr = abar.double()[t] / (1 - abar.double()[t])
+    assert snr[0] > 5 > snr[1]
+    w = (snr.clamp(max=5) / snr).float()  # (5 / SNR_0, 1)
+    gamma5 = dataclasses.replace(TrainConfig(), snr_gamma=5.0)
+    torch.testing.assert_close(weighted_mean(err, t, abar, gamma5, "epsilon"), (w[0] * 1 + w[1] * 3) / 2,
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(weighted_mean(err, t, abar, TrainConfig(), "epsilon"), torch.tensor(2.0))
+
+
+def test_prompt_dropout_draws_after_the_indices_and_empties_the_drawn_share():
+    """--proportion_empty_prompts p: sample i's prompt is replaced by the empty prompt when u_i < p, u drawn from the
+    micro-batch's generator right after the indices (diffusers' train_controlnet.py: random.random() < p). The
+    default p = 0 never drops, so the runs above cannot see a reversed comparison (which would drop 1 - p)."""
+    items = [{"image": torch.zeros(3, 2, 2), "control": torch.zeros(3, 2, 2), "prompt": f"p{i}"} for i in range(10)]
+    config = dataclasses.replace(TrainConfig(), batch_size=64, proportion_empty_prompts=0.25, seed=3)
+    _, batch = train.batch_for(items, config, step=5, micro=1)
+    g = step_generator(3, 5, 1)
+    index = torch.randint(10, (64,), generator=g)
+    dropped = torch.rand(64, generator=g) < 0.25
+    assert torch.equal(batch["index"], index) and torch.equal(batch["dropped"], dropped) and 0 < dropped.sum() < 32
+    assert batch["prompt"] == [config.empty_prompt if d else f"p{i}" for i, d in zip(index.tolist(), dropped.tolist())]
