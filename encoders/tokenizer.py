@@ -23,8 +23,8 @@ Text cleanup, and where it differs from the references (no ftfy, no `regex` modu
 - Truncation keeps bos, the first 75 tokens and eos (transformers and `open_clip.tokenize` agree on this).
 - Padding per model: SD1.5 and SDXL's first encoder pad with eos (49407); SD2 and SDXL's second encoder were
   trained with `open_clip.tokenize`, which pads with 0 (`!`; their diffusers `tokenizer/` says `pad_token: "!"`).
-  The UNet attends to all 77 positions, so the pad id changes the result (PAD_TOKENS, §10). transformers makes a
-  "!" pad token special, so a "!" typed in an SD2 prompt becomes id 0 there; here it is text, as in open_clip.
+  The UNet attends to all 77 positions, so the pad id changes the result (controlnext/sd_pipeline.py PADS, §10).
+  transformers makes a "!" pad token special, so a "!" typed in an SD2 prompt becomes id 0 there; here it is text, as in open_clip.
 Left out: decoding, attention masks, prompt weighting and >77-token chunking.
 """
 
@@ -42,8 +42,6 @@ from torch import Tensor
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SPECIAL_TOKENS = re.compile(f"({re.escape(BOS)}|{re.escape(EOS)})")  # split keeps them (capturing group)
-# What each text tower pads with, keyed like encoders.clip.PRESETS (checkpoints.md §10 table).
-PAD_TOKENS = {"clip_l": EOS, "openclip_h_text": "!", "openclip_bigg_text": "!"}
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")  # tried in this order, as the original pattern
 OPENCLIP_MERGES = 49152 - 256 - 2  # open_clip reads merges lines 1..48894 of its file (vocab minus bytes and specials)
 
