@@ -24,7 +24,8 @@ Text cleanup, and where it differs from the references (no ftfy, no `regex` modu
 - Padding per model: SD1.5 and SDXL's first encoder pad with eos (49407); SD2 and SDXL's second encoder were
   trained with `open_clip.tokenize`, which pads with 0 (`!`; their diffusers `tokenizer/` says `pad_token: "!"`).
   The UNet attends to all 77 positions, so the pad id changes the result (controlnext/sd_pipeline.py PADS, §10).
-  transformers makes a "!" pad token special, so a "!" typed in an SD2 prompt becomes id 0 there; here it is text, as in open_clip.
+  transformers makes a "!" pad token special, so a "!" typed in an SD2 prompt becomes id 0 there; here it is
+  text, as in open_clip.
 Left out: decoding, attention masks, prompt weighting and >77-token chunking.
 """
 
