@@ -211,5 +211,6 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # subprocess runs (this call's)
+    peak = children or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # in-process runs
     return f"{cpu}, {os.cpu_count()} cores, load average {load} at the end, largest run {peak:.1f} GiB RSS"
