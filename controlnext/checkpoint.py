@@ -254,6 +254,14 @@ def write_folder(folder: str | Path, files: Mapping[str, Callable[[Path], None]]
     if strangers:
         raise ValueError(f"{folder}: exists and is not a model folder that may be replaced (it holds "
                          f"{', '.join(strangers[:5])}); write to a new or empty folder")
+    replace_folder(folder, files)
+
+
+def replace_folder(folder: str | Path, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """files[name](path) writes each entry into a sibling staging folder, which then replaces `folder` (an existing
+    one is renamed aside first, restored if the swap fails, removed after): readers see the old folder or the new one,
+    never a mix. The caller decides whether `folder` may be replaced."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     aside = staging.with_name(staging.name[:-len(".tmp")] + ".old")

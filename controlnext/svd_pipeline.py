@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -40,7 +37,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from controlnext import svd_controls
-from controlnext.checkpoint import read_header, read_state
+from controlnext.checkpoint import read_header, read_state, replace_folder
 from controlnext.controlnext import ControlNeXtUNet
 from controlnext.controls import apply_unet_weights
 from controlnext.loaders import ORIGINAL_PREFIXES, folder_config, load_clip, load_svd_unet, load_temporal_vae
@@ -292,31 +289,14 @@ def write_video(folder: str | Path, frames: Tensor, poses: Tensor | None, fps: f
     folder = Path(folder)
     check_output(folder)
     video = to_uint8(frames, (-1.0, 1.0))  # (F, H, W, 3)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        write_png_folder(video, staging / "frames")
-        write_gif(video, staging / "video.gif", fps)
-        if find_spec("imageio_ffmpeg") is not None and video.shape[1] % 2 == 0 and video.shape[2] % 2 == 0:
-            write_mp4(video, staging / "video.mp4", fps)
-        if poses is not None:
-            write_gif(np.concatenate([to_uint8(poses), video], axis=2), staging / "pose_and_video.gif", fps)
-        names = sorted(p.name for p in staging.iterdir())
-        if folder.exists():
-            aside = staging.with_suffix(".old")
-            os.rename(folder, aside)
-            try:
-                os.rename(staging, folder)
-            except BaseException:
-                os.rename(aside, folder)
-                raise
-            shutil.rmtree(aside)
-        else:
-            os.rename(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return names
+    files = {"frames": lambda path: write_png_folder(video, path), "video.gif": lambda path: write_gif(video, path, fps)}
+    if find_spec("imageio_ffmpeg") is not None and video.shape[1] % 2 == 0 and video.shape[2] % 2 == 0:
+        files["video.mp4"] = lambda path: write_mp4(video, path, fps)
+    if poses is not None:
+        side_by_side = np.concatenate([to_uint8(poses), video], axis=2)  # (F, H, 2W, 3)
+        files["pose_and_video.gif"] = lambda path: write_gif(side_by_side, path, fps)
+    replace_folder(folder, files)
+    return sorted(files)
 
 
 def check_video(config) -> None:
