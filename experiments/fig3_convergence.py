@@ -118,7 +118,7 @@ def main(argv: list[str]) -> dict:
 
     curves = {arm: [protocol.read_curve(runs[f"{arm}_s{s}"]) for s in args.seeds] for arm in args.arms}
     chance = sum(c[0][1] for seeds in curves.values() for c in seeds) / sum(len(s) for s in curves.values())
-    protocol.plot_curves(results / "curves.png", curves, f"miniature SD1.5 + fill50k: held-out fill IoU "
+    protocol.plot_curves(results / "curves.png", curves, f"miniature SD1.5 + fill50k: held-out fill IoU\n"
                          f"(mean, min..max over seeds {list(args.seeds)}; each arm at its best lr)")
     panels = {key: {arm: [protocol.read_curve(runs[f"{arm}_s{s}"], key) for s in args.seeds] for arm in args.arms}
               for key in DIAGNOSTICS}
