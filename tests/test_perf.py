@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +15,11 @@ import torch
 import sample
 import train
 from controlnext.controlnet import ControlNet, ControlNetConfig
-from controlnext.data import Fill50k, fill50k_tokenizer
-from controlnext.sd_pipeline import PRESETS, StableDiffusion
+from controlnext.data import Fill50k
 from controlnext.stages import build_stage, cast_frozen
+from tests.test_sample import tiny  # noqa: F401 - the tiny SD1.5 file fixture, shared
 from tests.test_train import smoke
 from unet.sd_unet import TINY, UNet
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny_sd15.safetensors"
-    StableDiffusion.random(PRESETS["tiny_sd15"], fill50k_tokenizer()).save(path)
-    return path
 
 
 @pytest.mark.parametrize("ablation", ["cross_norm", "controlnet"])

@@ -25,17 +25,10 @@ from controlnext.config import TrainConfig
 from controlnext.video_data import VideoClips, nearest_bucket, step_bucket
 from controlnext.video_stages import video_batch, video_dataset
 from tests.svd_fixtures import MICRO_UNET, tiny_svd
+from tests.test_video_train import _one_thread  # noqa: F401 - autouse: one torch thread for toy-sized ops
 
 LANDSCAPE, PORTRAIT = (48, 32), (32, 48)  # (width, height) buckets of the data tests
 SIZES = {"land": (60, 36), "port": (30, 46)}  # clip frame sizes (w, h): aspect 1.67 -> LANDSCAPE, 0.65 -> PORTRAIT
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy-sized ops: a second thread on a busy 2-core machine costs more than it saves
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_clips(root: Path, kinds: list[str], frames: int = 6) -> Path:
