@@ -15,6 +15,7 @@ Left out: YAML, nested configs, environment-variable overrides.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class TrainConfig:
     injection: str = "auto"            # inject.py preset (site, eps, pool order); auto = the family's official one
     branch: str = "auto"               # control_branch.py preset; auto = g2 for released-width UNets, else tiny
     control_scale: float = 1.0         # k on the added control term while training (official SD1.5 default 1.0)
+    control_site: str = ""             # move the preset's site: conv_in, down_<k>, mid_in, mid_out (SD3: block_<k>);
+                                       # "" = the preset's own (the site ablation, issue 18)
     # the model
     pretrained: str = "experiments/weights/mini_sd15.safetensors"  # SD single file or diffusers folder (control
                                        # stage); base stage: the file holding the trained VAE
@@ -146,6 +149,9 @@ def check(config: TrainConfig, *, names: dict[str, tuple[str, ...]]) -> None:
                   "snr_gamma", "eval_every", "num_threads", "clip_skip", "noise_aug", "frame_chunk"):
         if getattr(config, field) < 0:
             raise ValueError(f"--{field}={getattr(config, field)}: must not be negative")
+    if config.control_site and not re.fullmatch(r"conv_in|down_\d+|mid_in|mid_out|block_\d+", config.control_site):
+        raise ValueError(f"--control_site={config.control_site!r}: expected conv_in, down_<k>, mid_in, mid_out or "
+                         "block_<k> (or '' for the preset's own)")
     if config.lr == 0 and config.control_lr == 0:
         raise ValueError("--lr and --control_lr are both 0: nothing would train")
     if not 0 <= config.ema_decay < 1:

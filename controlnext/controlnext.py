@@ -199,6 +199,20 @@ PRESETS = {"sd15_train": SD15_TRAIN, "sd15_release": SD15_RELEASE, "sdxl": SDXL,
            "sd15_train_mid": SD15_TRAIN_MID, "sd3": SD3}
 
 
+def injection_preset(name: str, site: str = "") -> Injection:
+    """The preset `name`, moved to `site` when one is given (train.py --control_site: the site ablation of issue 18)."""
+    return replace(PRESETS[name], site=site) if site else PRESETS[name]
+
+
+def site_width(unet_config, injection: Injection) -> int:
+    """The width of h at the injection's site of a UNet of this config (the branch's out_channels), or one clear line."""
+    sites = control_sites(unet_config)
+    if injection.site not in sites:
+        raise ValueError(f"injection site {injection.site!r} (--injection / --control_site) is not a site of this UNet: "
+                         f"{list(sites)}")
+    return sites[injection.site]
+
+
 # --- the `--ablation` arms: what each changes in the injection preset; None = the ControlNet baseline
 # (controlnext/controlnet.py), which ignores the branch config and the preset. All arms have the interface above.
 ABLATIONS: dict[str, dict | None] = {

@@ -27,14 +27,14 @@ from controlnext.canny import canny_control
 from controlnext.checkpoint import KeyMap, load_into, read_metadata, read_state
 from controlnext.config import TrainConfig
 from controlnext.control_branch import PRESETS as BRANCHES, ControlNeXtConfig, branch_for
-from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, build_controlled_unet
+from controlnext.controlnext import (PRESETS as INJECTIONS, ControlNeXtUNet, build_controlled_unet, injection_preset,
+                                     site_width)
 from controlnext.data import load_image
 from controlnext.keymap import CONTROL_BRANCH_ROWS, UNET_ROWS
 from controlnext.releases import detect_control_branch, load_unet_weights
 from controlnext.sd_pipeline import StableDiffusion
 from controlnext.selection import select_trainable
 from unet.keymap import unet_original_rows
-from unet.sd_unet import control_sites
 
 # The official release injection of each branch generation, per family (controlnext.md §0).
 RELEASE_INJECTION = {("g1_sd15", "sd1"): "sd15_release", ("g2", "sd1"): "sd15_train", ("g2", "sd2"): "sd15_train",
@@ -59,8 +59,8 @@ def from_run(path: Path, pipe: StableDiffusion) -> LoadedControl:
     if config.stage != "control":
         raise ValueError(f"{path}: a {config.stage}-stage checkpoint holds a base model, not a control: "
                          "pass its run's model.safetensors as --pretrained")
-    injection = INJECTIONS[config.injection]
-    branch = branch_for(config.branch, control_sites(pipe.config.unet)[injection.site])  # as stages.ControlStage
+    injection = injection_preset(config.injection, config.control_site)
+    branch = branch_for(config.branch, site_width(pipe.config.unet, injection))  # as stages.ControlStage
     model = build_controlled_unet(config.ablation, pipe.unet, branch, injection)
     select_trainable(pipe.unet, config.trainable)  # adds the LoRA modules a lora:R run trained, if any
     pipe.unet.requires_grad_(False)

@@ -34,7 +34,7 @@ from controlnext import cli
 from controlnext.checkpoint import load_into, read_metadata, read_state
 from controlnext.config import TrainConfig
 from controlnext.control_branch import PRESETS as BRANCHES
-from controlnext.controlnext import PRESETS as INJECTIONS
+from controlnext.controlnext import PRESETS as INJECTIONS, injection_preset
 from controlnext.controls import condition_image
 from controlnext.data import fill50k_example, load_image
 from controlnext.metrics import fill50k_metrics
@@ -86,6 +86,9 @@ def check_sd3(config: TrainConfig) -> None:
                          f"{config.resolution}")
     if config.injection != "auto" and not INJECTIONS[config.injection].site.startswith("block_"):
         raise ValueError(f"--injection={config.injection!r} is a UNet preset; SD3 takes 'sd3' (or 'auto')")
+    if config.control_site and not config.control_site.startswith("block_"):
+        raise ValueError(f"--control_site={config.control_site!r} is a UNet site; SD3's are block_<k> (after joint "
+                         "block k)")
 
 
 class SD3Stage(nn.Module):
@@ -100,7 +103,7 @@ class SD3Stage(nn.Module):
                                        branch=branch if config.branch == "auto" else config.branch)
         self.pipe = pipe.requires_grad_(False)
         self.model = build_sd3_controlled(config.ablation, pipe.mmdit, pipe.vae, BRANCHES[config.branch],
-                                          INJECTIONS[config.injection])
+                                          injection_preset(config.injection, config.control_site))
         if isinstance(self.model, ControlNetMMDiT):  # the copy's switch; train.py sets the MMDiT's (pipe.unet)
             self.model.controlnet.gradient_checkpointing = config.gradient_checkpointing
         mmdit = select_trainable(pipe.mmdit, config.trainable)
@@ -191,7 +194,7 @@ def load_sd3_control(path: str | Path, pipe: StableDiffusion3) -> SD3Control:
     if config.stage != "control":
         raise ValueError(f"{path}: a {config.stage}-stage checkpoint, not a control")
     model = build_sd3_controlled(config.ablation, pipe.mmdit, pipe.vae, BRANCHES[config.branch],
-                                 INJECTIONS[config.injection])
+                                 injection_preset(config.injection, config.control_site))
     select_trainable(pipe.mmdit, config.trainable)  # adds the LoRA modules a lora:R run trained, if any
     pipe.mmdit.requires_grad_(False)
     load_into(model, read_state(path), what=f"trained tensors from {path}", mode="partial")

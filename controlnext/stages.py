@@ -33,7 +33,8 @@ from controlnext.config import TrainConfig
 from controlnext.control_branch import branch_for
 from controlnext.data import Fill50k, fill50k_example, fill50k_tokenizer
 from controlnext.controlnet import ControlNetUNet
-from controlnext.controlnext import PRESETS as INJECTIONS, ControlNeXtUNet, align, build_controlled_unet, run_unet
+from controlnext.controlnext import (ControlNeXtUNet, align, build_controlled_unet, injection_preset, run_unet,
+                                     site_width)
 from controlnext.metrics import fill50k_metrics
 from controlnext.sd3_pipeline import is_sd3  # SD3 dispatch (issue 19)
 from controlnext.sd3_stages import build_sd3_stage  # SD3 dispatch (issue 19)
@@ -43,7 +44,6 @@ from controlnext.svd_pipeline import is_svd, load_svd
 from controlnext.video_stages import VideoStage
 from schedulers.sigmas import make_alphas_cumprod
 from schedulers.training import min_snr_weight, sd_training_noise
-from unet.sd_unet import control_sites
 
 # The official recipe of each family: (injection preset, UNet selection) (controlnext.md §3, §4.1-4.2).
 RECIPES = {"sd1": ("sd15_train", "to_out"), "sd2": ("sd15_train", "to_out"), "sdxl": ("sdxl", "attn2_to_out")}
@@ -136,8 +136,8 @@ class ControlStage(nn.Module):
                                        trainable=trainable if config.trainable == "auto" else config.trainable,
                                        branch=branch if config.branch == "auto" else config.branch)
         self.pipe = pipe.requires_grad_(False)
-        injection = INJECTIONS[config.injection]
-        branch_config = branch_for(config.branch, control_sites(pipe.config.unet)[injection.site])
+        injection = injection_preset(config.injection, config.control_site)
+        branch_config = branch_for(config.branch, site_width(pipe.config.unet, injection))
         self.model = build_controlled_unet(config.ablation, pipe.unet, branch_config, injection)
         if isinstance(self.model, ControlNetUNet):  # the encoder copy recomputes its blocks too, as diffusers' does
             self.model.controlnet.gradient_checkpointing = config.gradient_checkpointing

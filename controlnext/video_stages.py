@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from controlnext.config import TrainConfig
 from controlnext.control_branch import PRESETS as BRANCHES
-from controlnext.controlnext import PRESETS as INJECTIONS, build_controlled_unet
+from controlnext.controlnext import build_controlled_unet, injection_preset
 from controlnext.runs import step_generator
 from controlnext.sampling import summed_controls
 from controlnext.selection import select_trainable
@@ -67,7 +67,8 @@ class VideoStage(nn.Module):
         branch = BRANCHES[config.branch]
         if config.branch == "tiny":
             branch = replace(branch, out_channels=width)  # a small branch follows a small UNet's width
-        self.model = build_controlled_unet(config.ablation, pipe.unet, branch, INJECTIONS[config.injection])
+        self.model = build_controlled_unet(config.ablation, pipe.unet, branch,
+                                           injection_preset(config.injection, config.control_site))
         select_trainable(pipe.unet, config.trainable)
 
     def trainable(self) -> dict[str, nn.Parameter]:

@@ -8,8 +8,12 @@ one per sub-folder of `runs_dir`; a run whose last evaluation is logged is not r
 continues where it stopped. Runs are subprocesses, `parallel` at a time, each with `threads` torch threads (2 cores:
 two single-thread runs at once), and each one's process CPU time is recorded.
 Statistics: the mean over seeds with a percentile bootstrap 95% interval (Efron & Tibshirani 1993, §13.3: resample
-the seeds with replacement, 10,000 times); steps to a threshold as the median over seeds with the fraction of seeds
-that reach it within the budget (the median is given only when more than half do).
+the seeds with replacement, 10,000 times); that interval is about the arm's mean, and it is too narrow for what a
+rerun on new seeds sees (the rerun's own mean varies too; with 5 seeds the percentile bootstrap also undercovers).
+What a rerun should land in is the 95% prediction interval for the mean of m new seeds, mean +- t(0.975, n-1) s
+sqrt(1/n + 1/m) (normal theory over seeds; Hahn & Meeker 1991, §4.4), m = 1 for a single new seed. Steps to a
+threshold: the median over seeds with the fraction of seeds that reach it within the budget (the median is given
+only when more than half do).
 Left out: statistics across machines (the rows say which machine), tests of significance.
 """
 
@@ -125,6 +129,23 @@ def bootstrap(values: list[float], draws: int = 10_000, seed: int = 0) -> tuple[
     return statistics.fmean(values), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
+# Student t 0.975 quantiles by degrees of freedom (any table; beyond 30 the normal's 1.96 is within 4%).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        25: 2.060, 30: 2.042}
+
+
+def prediction_interval(values: list[float], m: int = 1) -> tuple[float, float]:
+    """95% interval for the mean of m new seeds given the n seeds in `values`: mean +- t s sqrt(1/n + 1/m)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"a prediction interval needs at least 2 seeds, got {n}")
+    t = T975.get(n - 1) or (T975[max(k for k in T975 if k <= n - 1)] if n - 1 <= 30 else 1.96)
+    half = t * statistics.stdev(values) * (1 / n + 1 / m) ** 0.5
+    mean = statistics.fmean(values)
+    return mean - half, mean + half
+
+
 def first_step_at(curve: Curve, threshold: float) -> int | None:
     """The first evaluated step whose value reaches the threshold (the convergence step of fill50k.md)."""
     return next((step for step, value in curve if value >= threshold), None)
@@ -154,6 +175,41 @@ def summary_table(curves: dict[str, list[Curve]], at: tuple[int, ...], threshold
     for arm, seeds in curves.items():
         cells = [steps_to(seeds, t) for t in thresholds] + [interval(seeds, s) for s in at]
         lines.append(f"| {(labels or {}).get(arm, arm)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def rerun_table(curves: dict[str, list[Curve]], at: tuple[int, ...], m: int) -> list[str]:
+    """Markdown: per arm, the 95% prediction interval for the mean IoU of m new seeds at the given steps."""
+    lines = ["| arm | " + " | ".join(f"IoU at {s}: a {m}-seed rerun's mean" for s in at) + " |",
+             "|---|" + "---|" * len(at)]
+    for arm, seeds in curves.items():
+        cells = []
+        for step in at:
+            values = [v for v in (value_at(c, step) for c in seeds) if v is not None]
+            cells.append("[{:.3f}, {:.3f}]".format(*prediction_interval(values, m)) if len(values) > 1 else "—")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def rerun_check(reported: list[Curve], rerun: list[Curve], at: tuple[int, ...]) -> list[str]:
+    """Markdown bullets: does a rerun on other seeds land where the reported seeds say it should? Per step: its mean
+    against the prediction interval for the mean of that many new seeds, and each new seed against the one-seed
+    interval; the bootstrap interval of the reported mean alongside, for reference (it is not a rerun's interval)."""
+    lines = []
+    for step in at:
+        old = [v for v in (value_at(c, step) for c in reported) if v is not None]
+        new = [v for v in (value_at(c, step) for c in rerun) if v is not None]
+        if len(old) < 2 or not new:
+            continue
+        mean = statistics.fmean(new)
+        lo, hi = prediction_interval(old, len(new))
+        one_lo, one_hi = prediction_interval(old, 1)
+        seeds_in = sum(one_lo <= v <= one_hi for v in new)
+        _, b_lo, b_hi = bootstrap(old)
+        lines.append(f"- IoU at {step}: rerun mean {mean:.3f} ({', '.join(f'{v:.3f}' for v in new)}) against "
+                     f"[{lo:.3f}, {hi:.3f}] for a {len(new)}-seed mean: {'inside' if lo <= mean <= hi else 'OUTSIDE'}; "
+                     f"{seeds_in}/{len(new)} seeds inside the one-seed interval [{one_lo:.3f}, {one_hi:.3f}] "
+                     f"(bootstrap interval of the reported mean: [{b_lo:.3f}, {b_hi:.3f}])")
     return lines
 
 

@@ -64,3 +64,20 @@ def test_selection_smoke(tiny, tmp_path):
     assert sum(line.startswith("| none (") or line.startswith("| lora:4 (") for line in result["table"]) == 2
     for file in ("table.md", "curves.json", "curves.png", "selection.png"):
         assert (tmp_path / "res" / file).is_file(), file
+
+
+def test_prediction_interval_closed_form_and_the_rerun_check():
+    """mean +- t(0.975, n-1) s sqrt(1/n + 1/m): for 1, 2, 3 (mean 2, s 1, t(2) = 4.303) and m = 1 the half width is
+    4.303 sqrt(4/3); a rerun is judged against it, not against the (much narrower) bootstrap interval of the mean."""
+    protocol = script("protocol")
+    lo, hi = protocol.prediction_interval([1.0, 2.0, 3.0], 1)
+    assert abs(hi - 2 - 4.303 * (4 / 3) ** 0.5) < 1e-9 and abs((lo + hi) / 2 - 2) < 1e-12
+    lo3, hi3 = protocol.prediction_interval([1.0, 2.0, 3.0], 3)
+    assert abs(hi3 - 2 - 4.303 * (2 / 3) ** 0.5) < 1e-9  # a 3-seed mean varies less than one seed
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        protocol.prediction_interval([0.5], 1)
+    reported = [[(0, 0.2), (10, v)] for v in (0.50, 0.52, 0.54, 0.56, 0.58)]
+    near, far = [[(0, 0.2), (10, v)] for v in (0.55, 0.57)], [[(0, 0.2), (10, v)] for v in (0.70, 0.72)]
+    assert "inside" in protocol.rerun_check(reported, near, (10,))[0]
+    line = protocol.rerun_check(reported, far, (10,))[0]
+    assert "OUTSIDE" in line and "0/2 seeds inside" in line

@@ -67,6 +67,34 @@ def test_each_ablation_trains(tiny_file, tmp_path, ablation):
     assert len(trained) > len(unet_keys) and all(".to_out." in k for k in unet_keys)
 
 
+def test_control_site_moves_the_injection_and_the_checkpoint_keeps_it(tiny_file, tmp_path):
+    """--control_site=down_1 (the site ablation of issue 18): the run's config records it, load_control rebuilds the
+    control there, and its output is the UNet with h + k CN(h, c) added after down block 1 and nowhere else."""
+    from controlnext.controlnext import align, run_unet  # noqa: PLC0415
+    from controlnext.controls import load_control  # noqa: PLC0415
+    run = Path(train.main(smoke(tiny_file, tmp_path, control_site="down_1"))["run"])
+    assert json.loads((run / "config.json").read_text())["control_site"] == "down_1"
+    pipe = load_sd(tiny_file)
+    model = load_control(run / "checkpoints" / "step_000002.safetensors", pipe).model
+    assert model.injection.site == "down_1" and model.injection.eps == 1e-12  # the rest of sd15_train unchanged
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 77, pipe.config.unet.context_dim)
+    features = model.features(model.prepare(torch.rand(1, 3, 64, 64)), t)
+    sizes = {}
+
+    def by_hand(site, h):
+        sizes[site] = tuple(h.shape[-2:])
+        return h + align(h, features, model.injection) if site == "down_1" else h
+    with torch.no_grad():
+        expected = run_unet(model.unet, x, t, ctx, None, by_hand)
+        plain = run_unet(model.unet, x, t, ctx, None, None)
+        torch.testing.assert_close(model.forward_with_features(x, t, ctx, features), expected, atol=1e-6, rtol=0)
+    assert (expected - plain).abs().max() > 1e-4 and sizes["down_1"] != sizes["down_0"]
+    with pytest.raises(ValueError, match="is not a site of this UNet"):
+        train.main(smoke(tiny_file, tmp_path / "bad", control_site="down_9"))
+    assert not (tmp_path / "bad").exists()  # the site is checked when the stage is built, before the run folder
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_diffusers_folders_train_with_their_family_recipe(tmp_path, family):
     folder = (tiny_sd15 if family == "sd15" else tiny_sdxl)(tmp_path / family)
@@ -301,7 +329,8 @@ BAD = [("sampler", "bogus", "--sampler='bogus'"), ("ablation", "bogus", "--ablat
        ("trainable", "bogus", "--trainable='bogus'"), ("mixed_precision", "bogus", "--mixed_precision"),
        ("batch_size", 0, "--batch_size=0"), ("lr", -1.0, "--lr=-1.0"), ("resolution", 60, "--resolution=60"),
        ("device", "cuda", "--device=cuda"), ("dataset", "/nonexistent", "--dataset=/nonexistent"),
-       ("pretrained", "/nonexistent.safetensors", "--pretrained=/nonexistent")]
+       ("pretrained", "/nonexistent.safetensors", "--pretrained=/nonexistent"),
+       ("control_site", "down_x", "--control_site='down_x'")]
 
 
 @pytest.mark.parametrize("field,value,message", BAD, ids=[b[0] for b in BAD])
