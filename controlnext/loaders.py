@@ -28,7 +28,7 @@ from unet.keymap import (detect_unet_preset, svd_unet_config_from_diffusers, svd
                          svd_unet_original_rows, unet_config_from_diffusers, unet_config_to_diffusers,
                          unet_original_rows)
 from unet.sd_unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
-from unet.svd_unet import PRESETS as SVD_PRESETS, SVD_XT, SVDUNet, SVDUNetConfig
+from unet.svd_unet import PRESETS as SVD_PRESETS, SVD_XT, SVDUNet
 from vae.autoencoder import PRESETS as VAE_PRESETS, AutoencoderKL, VAEConfig
 from vae.keymap import (ENCODER_ROWS, LEGACY_DIFFUSERS_ROWS, SD_VAE_ROWS, SVD_FIRST_STAGE_ROWS, SVD_RELEASE_ROWS,
                         vae_config_from_diffusers, vae_config_to_diffusers)

@@ -19,7 +19,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from controlnext.controlnext import ControlNeXtUNet, align, run_unet

@@ -10,7 +10,8 @@ prediction on SD1.5's schedule, a CLIP-style text tower) and procedural fill50k 
 2. the reported runs: every arm at its own best lr on 5 seeds (init and data order; identical data order per seed
    across arms), IoU on 32 fixed held-out conditions every --eval_every steps; diagnostics every log_every steps
    (|k CN(h, c)| / |h| and cos(k CN(h, c), h) at the site, the branch's gradient norm: controlnext/stages.py);
-3. sensitivity of cross_norm: control scale 0.1 and 0.3 (1.0 is the reported arm); the site (--control_site):
+3. sensitivity of cross_norm: control scale 0.1, 0.3, 0.5 and 3 (1.0 is the reported arm; the other arms' learned
+   terms grow to 2-3.6 |h|, so k = 3 asks whether a larger fixed k is all cross_norm lacks); the site (--control_site):
    conv_in (8x8 at 64 px, SDXL's site), down_0 (4x4, the reported arm), down_1 (2x2) and mid_out (1x1, the release's);
    the official SD1.5 *release* form (learned scale) as released (after the mid block) and moved to down_0, which
    separates the learned scale from the site;
@@ -20,7 +21,7 @@ The UNet selection is each method's own: `to_out` for the ControlNeXt arms (offi
 (its encoder copy trains on a locked UNet, Zhang et al. 2023 §3.2). Two single-thread runs at a time on 2 cores.
 Outputs in --results: table.md (steps to IoU 0.5 / 0.7, IoU at 250 / 500 / 1000 with bootstrap 95% intervals and
 prediction intervals for a rerun, the sweep, the sensitivity rows, the rerun check, CPU time), curves.png,
-diagnostics.png, sensitivity.png, curves.json.
+diagnostics.png, sensitivity.png (scale), sites.png (site and form), curves.json.
 Commands:
     nohup python experiments/fig3_convergence.py > runs/fig3.log 2>&1 &               # CPU, ~90 min on 2 cores
     python experiments/fig3_convergence.py --parallel=1 --device=cuda --batch_size=24 --resolution=512 \\
@@ -44,13 +45,15 @@ import protocol  # noqa: E402
 
 ARMS = ("cross_norm", "zero_conv", "no_norm", "paper_norm", "controlnet")
 ARM_OVERRIDES = {"controlnet": ["--trainable=none"]}
-SENSITIVITY = {"cross_norm, k=0.1": ["--control_scale=0.1"], "cross_norm, k=0.3": ["--control_scale=0.3"],
-               "cross_norm at conv_in (8x8)": ["--control_site=conv_in"],
-               "cross_norm at down_1 (2x2)": ["--control_site=down_1"],
-               "cross_norm at mid_out (1x1)": ["--control_site=mid_out"],
-               "release form (learned scale) at down_0": ["--injection=sd15_release", "--branch=tiny_g1",
-                                                          "--control_site=down_0"],
-               "release form as released (mid_out, 1x1)": ["--injection=sd15_release", "--branch=tiny_g1"]}
+# label: (run-folder index, train.py flags); an index stays with its row, so finished runs are found again
+SENSITIVITY = {"cross_norm, k=0.1": (0, ["--control_scale=0.1"]), "cross_norm, k=0.3": (1, ["--control_scale=0.3"]),
+               "cross_norm, k=0.5": (7, ["--control_scale=0.5"]), "cross_norm, k=3": (8, ["--control_scale=3.0"]),
+               "cross_norm at conv_in (8x8)": (2, ["--control_site=conv_in"]),
+               "cross_norm at down_1 (2x2)": (3, ["--control_site=down_1"]),
+               "cross_norm at mid_out (1x1)": (4, ["--control_site=mid_out"]),
+               "release form (learned scale) at down_0": (5, ["--injection=sd15_release", "--branch=tiny_g1",
+                                                              "--control_site=down_0"]),
+               "release form as released (mid_out, 1x1)": (6, ["--injection=sd15_release", "--branch=tiny_g1"])}
 DIAGNOSTICS = ("term_ratio", "term_cosine", "grad_norm_control")
 
 
@@ -119,7 +122,7 @@ def main(argv: list[str]) -> dict:
     lr = best.get("cross_norm", args.lrs[0])
     sensitivity = {f"sens{i}_s{seed}": ["--ablation=cross_norm", f"--seed={seed}", *lr_flags(lr), *flags,
                                         *common(args.sensitivity_steps, args.eval_every)]
-                   for i, flags in enumerate(SENSITIVITY.values()) for seed in args.sensitivity_seeds}
+                   for i, flags in SENSITIVITY.values() for seed in args.sensitivity_seeds}
     check = {f"check_cross_norm_s{seed}": ["--ablation=cross_norm", f"--seed={seed}", *lr_flags(lr),
                                            *common(args.max_steps, args.eval_every)] for seed in args.check_seeds}
     runs = protocol.run_grid({**report, **sensitivity, **check}, runs_dir, args.parallel, args.threads)
@@ -133,10 +136,14 @@ def main(argv: list[str]) -> dict:
     protocol.plot_panels(results / "diagnostics.png", panels, "what the control does at the site (training batches)")
     sens_curves = {"cross_norm (reported, k=1)": curves.get("cross_norm", [])[:len(args.sensitivity_seeds)]} | {
         label: [protocol.read_curve(runs[f"sens{i}_s{s}"]) for s in args.sensitivity_seeds]
-        for i, label in enumerate(SENSITIVITY)} if args.sensitivity_seeds else {}
+        for label, (i, _) in SENSITIVITY.items()} if args.sensitivity_seeds else {}
     if sens_curves:
-        protocol.plot_curves(results / "sensitivity.png", {k: v for k, v in sens_curves.items() if v},
-                             "cross normalization: control scale, site and the release form")
+        reported = next(iter(sens_curves))  # the k = 1, down_0 arm, drawn in both panels as the reference
+        scale = {k: v for k, v in sens_curves.items() if v and (k == reported or ", k=" in k)}
+        protocol.plot_curves(results / "sensitivity.png", scale, "cross normalization: the control scale k")
+        protocol.plot_curves(results / "sites.png", {k: v for k, v in sens_curves.items() if v and k not in scale
+                                                      or k == reported},
+                             "cross normalization: the site (h's size at 64 px) and the release form")
 
     cpu = sum(protocol.cpu_seconds(runs_dir, name) for name in [*tune, *report, *sensitivity, *check])
     lines = [f"command: python experiments/{Path(__file__).name} {shlex.join(argv)}",

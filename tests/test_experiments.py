@@ -50,7 +50,7 @@ def test_fig3_protocol_smoke(tiny, tmp_path):
     table = "\n".join(result["table"])
     for text in ("learning-rate sweep", "steps to IoU >= 0.7", "sensitivity of cross_norm", "rerun check", "CPU"):
         assert text in table, text
-    for file in ("table.md", "curves.json", "curves.png", "diagnostics.png", "sensitivity.png"):
+    for file in ("table.md", "curves.json", "curves.png", "diagnostics.png", "sensitivity.png", "sites.png"):
         assert (tmp_path / "res" / file).is_file(), file
     assert Image.open(tmp_path / "res" / "curves.png").size == (880, 528)
     again = script("fig3_convergence").main(argv)  # every run found done: only the tables and figures are redrawn
