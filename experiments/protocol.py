@@ -59,11 +59,31 @@ def is_done(runs_dir: Path, name: str, max_steps: int) -> bool:
     return run is not None and any(step == max_steps for step, _ in read_curve(run))
 
 
+def check_finished(run: Path, name: str, overrides: list[str]) -> None:
+    """A finished run is reused only if it ran with these overrides (its config.json): a protocol whose choices changed
+    (another best lr, say) must not pick up a run made under the old ones. One line naming the run and the field."""
+    config = json.loads((run / "config.json").read_text())
+    for arg in overrides:
+        field, _, value = arg[2:].partition("=")
+        if field not in config:
+            continue
+        have = config[field]
+        try:
+            same = float(value) == float(have)
+        except (TypeError, ValueError):
+            same = str(value) == str(have)
+        if not same:
+            raise ValueError(f"{run}: finished run {name!r} has --{field}={have!r}, this protocol asks --{field}={value}; "
+                             "move it away or pass another --runs_dir")
+
+
 def run_grid(jobs: dict[str, list[str]], runs_dir: Path, parallel: int, threads: int) -> dict[str, Path]:
     """Run `train.py <overrides>` for each job name (skipping finished ones); {name: run folder}. Each job's overrides
     must include --max_steps; its process CPU time goes to runs_dir/name/cpu_seconds.txt."""
     steps = {name: next(int(a.split("=")[1]) for a in args if a.startswith("--max_steps=")) for name, args in jobs.items()}
     todo = {name: args for name, args in jobs.items() if not is_done(runs_dir, name, steps[name])}
+    for name in jobs.keys() - todo.keys():
+        check_finished(run_folder(runs_dir, name), name, jobs[name])
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to run ({parallel} at a time)", flush=True)
 
     def launch(name: str) -> None:

@@ -81,3 +81,18 @@ def test_prediction_interval_closed_form_and_the_rerun_check():
     assert "inside" in protocol.rerun_check(reported, near, (10,))[0]
     line = protocol.rerun_check(reported, far, (10,))[0]
     assert "OUTSIDE" in line and "0/2 seeds inside" in line
+
+
+def test_a_finished_run_made_under_other_flags_is_not_reused(tmp_path):
+    """run_grid skips finished runs only when their config.json has the flags asked for: a protocol whose choice
+    changed (another best lr) says so in one line instead of reporting the old run."""
+    protocol = script("protocol")
+    run = tmp_path / "runs" / "arm_s0" / "arm-20261202"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text('{"lr": 0.001, "control_lr": 0.01, "ablation": "zero_conv", "max_steps": 2}')
+    (run / "metrics.jsonl").write_text('{"step": 0, "iou": 0.2}\n{"step": 2, "iou": 0.3}\n')
+    same = ["--ablation=zero_conv", "--lr=0.001", "--control_lr=0.01", "--max_steps=2"]
+    assert protocol.run_grid({"arm_s0": same}, tmp_path / "runs", 2, 1) == {"arm_s0": run}  # found, not run again
+    with pytest.raises(ValueError, match=r"'arm_s0' has --lr=0.001, this protocol asks --lr=0.003") as e:
+        protocol.run_grid({"arm_s0": [*same[:1], "--lr=0.003", *same[2:]]}, tmp_path / "runs", 2, 1)
+    assert len(str(e.value).splitlines()) == 1
