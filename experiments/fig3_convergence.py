@@ -116,7 +116,10 @@ def main(argv: list[str]) -> dict:
     tuned = protocol.run_grid(tune, runs_dir, args.parallel, args.threads)
 
     def score(arm: str, lr: float) -> float:  # mean IoU over the last two evaluations, over the tuning seeds
-        curves = [protocol.read_curve(tuned[f"tune_{arm}_lr{lr:g}_s{s}"]) for s in args.tune_seeds]
+        names = [f"tune_{arm}_lr{lr:g}_s{s}" for s in args.tune_seeds]
+        if any(protocol.diverged(runs_dir, name) for name in names):
+            return float("-inf")  # a diverged lr is never chosen
+        curves = [protocol.read_curve(tuned[name]) for name in names]
         return sum(v for c in curves for _, v in c[-2:]) / sum(len(c[-2:]) for c in curves)
 
     best = {arm: max(args.lrs, key=lambda lr: score(arm, lr)) for arm in args.arms}
@@ -158,7 +161,8 @@ def main(argv: list[str]) -> dict:
              f"{list(args.tune_seeds)}, {args.tune_steps} steps, ControlNet {args.controlnet_tune_steps}; branch lr = "
              "10 x lr):", "",
              "| arm | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |", "|---|" + "---|" * (len(args.lrs) + 1),
-             *[f"| {arm} | " + " | ".join(f"{score(arm, lr):.3f}" for lr in args.lrs) + f" | {best[arm]:g} |"
+             *[f"| {arm} | " + " | ".join("diverged" if score(arm, lr) == float("-inf") else f"{score(arm, lr):.3f}"
+                                       for lr in args.lrs) + f" | {best[arm]:g} |"
                for arm in args.arms], "",
              f"reported runs (seeds {list(args.seeds)}, {args.max_steps} steps; base alone at step 0: {chance:.3f}):", "",
              *protocol.summary_table(curves, args.at), "",

@@ -54,9 +54,19 @@ def read_curve(run: Path, key: str = "iou") -> Curve:
     return [(row["step"], row[key]) for row in read_rows(run) if key in row]
 
 
+DIVERGED = "diverged.txt"  # beside a run folder whose training stopped on a non-finite loss (train.py's NaN guard)
+
+
+def diverged(runs_dir: Path, name: str) -> str | None:
+    """train.py's message if this run diverged (a result of its settings, e.g. too high an lr), else None."""
+    path = runs_dir / name / DIVERGED
+    return path.read_text().strip() if path.is_file() else None
+
+
 def is_done(runs_dir: Path, name: str, max_steps: int) -> bool:
     run = run_folder(runs_dir, name)
-    return run is not None and any(step == max_steps for step, _ in read_curve(run))
+    return run is not None and (diverged(runs_dir, name) is not None
+                                or any(step == max_steps for step, _ in read_curve(run)))
 
 
 def check_finished(run: Path, name: str, overrides: list[str]) -> None:
@@ -95,9 +105,15 @@ def run_grid(jobs: dict[str, list[str]], runs_dir: Path, parallel: int, threads:
                 "--progress=False", f"--num_threads={threads}"]
         command = [sys.executable, "-c", CPU_TIMED, str(ROOT / "train.py"), *argv]
         with open(folder / "stdout.txt", "w") as log:
-            subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
-                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        print(f"  {name}: {time.time() - tic:.0f} s wall, {cpu_seconds(runs_dir, name):.0f} s CPU", flush=True)
+            done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if done.returncode:
+            stopped = [line for line in (folder / "stdout.txt").read_text().splitlines() if NAN_GUARD in line]
+            if not stopped:  # a real failure, not an outcome: stop the protocol with the run's own log
+                raise RuntimeError(f"{name}: train.py failed (exit {done.returncode}); see {folder / 'stdout.txt'}")
+            (folder / DIVERGED).write_text(stopped[-1] + "\n")
+        print(f"  {name}: {time.time() - tic:.0f} s wall, {cpu_seconds(runs_dir, name):.0f} s CPU"
+              f"{'; diverged' if done.returncode else ''}", flush=True)
 
     def in_process(name: str) -> None:  # parallel == 1: no fresh interpreter per run (tests, small grids)
         sys.path.insert(0, str(ROOT))  # train.py sits at the repository root, outside the installed packages
@@ -107,7 +123,10 @@ def run_grid(jobs: dict[str, list[str]], runs_dir: Path, parallel: int, threads:
         tic = time.process_time()
         config, _ = train.cli.parse_args(train.TrainConfig, [*todo[name], f"--out_dir={folder}", f"--experiment={name}",
                                                              f"--save_every={steps[name]}", "--progress=False"])
-        train.main(config)
+        try:
+            train.main(config)
+        except FloatingPointError as e:  # the NaN guard: an outcome of the settings, recorded like the subprocess path
+            (folder / DIVERGED).write_text(f"{e}\n")
         (folder / "cpu_seconds.txt").write_text(f"{time.process_time() - tic:.1f}\n")
 
     if parallel > 1:
@@ -131,6 +150,9 @@ finally:
     out = next(a.split("=", 1)[1] for a in argv if a.startswith("--out_dir="))
     Path(out, "cpu_seconds.txt").write_text(f"{usage.ru_utime + usage.ru_stime:.1f}\\n")
 """
+
+
+NAN_GUARD = "non-finite loss or gradient"  # the start of train.py's NaN-guard message
 
 
 def cpu_seconds(runs_dir: Path, name: str) -> float:

@@ -96,3 +96,25 @@ def test_a_finished_run_made_under_other_flags_is_not_reused(tmp_path):
     with pytest.raises(ValueError, match=r"'arm_s0' has --lr=0.001, this protocol asks --lr=0.003") as e:
         protocol.run_grid({"arm_s0": [*same[:1], "--lr=0.003", *same[2:]]}, tmp_path / "runs", 2, 1)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_diverged_run_is_an_outcome_not_a_crash(tmp_path, monkeypatch):
+    """train.py's NaN guard stops a run (too high an lr, say): the grid records it as diverged and goes on, a
+    relaunch does not run it again, and a real failure still stops the grid with the run's log named."""
+    protocol = script("protocol")
+    fake = tmp_path / "fake_train.py"  # stands in for train.py: a metrics file, then the NaN guard's message
+    fake.write_text("import sys, pathlib\n"
+                    "out = pathlib.Path(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--out_dir=')))\n"
+                    "(out / 'r').mkdir(parents=True, exist_ok=True)\n"
+                    "(out / 'r' / 'metrics.jsonl').write_text('{\"step\": 0, \"iou\": 0.2}\\n')\n"
+                    "if '--lr=0.1' in sys.argv:\n"
+                    "    print('step 3 | non-finite loss or gradient (nan); stopping: no checkpoint'); sys.exit(1)\n"
+                    "sys.exit(2)\n")
+    monkeypatch.setattr(protocol, "ROOT", tmp_path)
+    (tmp_path / "train.py").write_text(fake.read_text())
+    runs = tmp_path / "runs"
+    protocol.run_grid({"hot": ["--lr=0.1", "--max_steps=5"]}, runs, 2, 1)
+    assert protocol.diverged(runs, "hot").startswith("step 3 | non-finite loss")
+    assert protocol.is_done(runs, "hot", 5)
+    with pytest.raises(RuntimeError, match=r"'cold'|cold: train.py failed \(exit 2\)"):
+        protocol.run_grid({"cold": ["--lr=0.001", "--max_steps=5"]}, runs, 2, 1)
