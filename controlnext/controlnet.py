@@ -86,6 +86,8 @@ class ControlNet(nn.Module):
         config = config or ControlNetConfig(unet=unet.config)
         assert config.unet == unet.config, "the ControlNet config must describe the UNet it copies"
         model = cls(config)
+        if next(unet.parameters()).is_meta:
+            return model  # a structure on the meta device (counts, FLOPs): there are no values to copy
         state = {k: v for k, v in unet.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
         return load_into(model, state, what="ControlNet encoder copied from the UNet", mode="partial")
 

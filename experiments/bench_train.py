@@ -34,6 +34,7 @@ import ctypes
 import os
 import resource
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +49,9 @@ from controlnext.sd_pipeline import PRESETS as MODELS, RELEASED, StableDiffusion
 from controlnext.stages import ControlStage, LatentCache
 from schedulers.training import sd_training_noise
 from unet.keymap import unet_config_to_diffusers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `flops` beside this file, whatever the cwd
+import flops  # noqa: E402
 
 ARMS = ("controlnext", "controlnext_attn2", "controlnext_encode", "controlnet", "diffusers_controlnet")
 ALL_ARMS = (*ARMS, "full")
@@ -100,6 +104,8 @@ class Arm:
 RECIPES = {"controlnext": ("cross_norm", "to_out"), "controlnext_attn2": ("cross_norm", "attn2_to_out"),
            "controlnext_encode": ("cross_norm", "to_out"), "controlnet": ("controlnet", "none"),
            "full": ("cross_norm", "all")}  # arm -> (--ablation, --trainable); diffusers' arm is the controlnet one
+# arm -> flops.step_flops(ablation, trainable, site): the VAE + text encode of controlnext_encode is not counted
+FLOP_ROWS = {**{name: (*recipe, "") for name, recipe in RECIPES.items()}, "diffusers_controlnet": ("controlnet", "none", "")}
 
 
 def build_arms(names: tuple[str, ...], model: str, size: int, device: torch.device, fused: bool
@@ -246,6 +252,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the arm's networks (ours or diffusers')")
     parser.add_argument("--unfused_adamw", action="store_true", help="torch's for-loop AdamW (train.py uses fused)")
     parser.add_argument("--isolated", default="", help="run this one arm alone (batch 2, no checkpointing)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one step of each arm here")
     args = parser.parse_args()
     if args.threads:
@@ -308,6 +315,11 @@ def main() -> None:
               f"{med['backward']:6.2f} {med['optimizer']:6.2f} {weights / GiB:8.2f} {state / GiB:6.2f} "
               f"{med['transient'] / GiB:9.2f} {peak / GiB:8.2f}")
     print_ratios(table, names, settings)
+    peak = flops.peak_tflops(device, args.dtype, args.peak_tflops)  # model FLOPs of each step (flops.py, meta device)
+    for (name, batch_size, ckpt), (seconds, _) in table.items():
+        work = flops.step_flops(*FLOP_ROWS[name], preset=pipe.config.unet, batch=batch_size, size=args.size)
+        print(f"{name}, batch {batch_size}, ckpt {ckpt}: {work / 1e9:.1f} GFLOP per step (fwd + bwd), "
+              f"{work / seconds / 1e12:.3f} TFLOP/s, MFU {flops.mfu(work, seconds, peak)}")
     if args.isolated:
         whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"isolated {names[0]}: whole-process peak RSS {whole / GiB:.2f} GiB, minus the interpreter's "

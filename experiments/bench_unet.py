@@ -33,6 +33,7 @@ from unet.keymap import unet_config_to_diffusers
 from unet.sd_unet import PRESETS, UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `table2_latency` beside this file, whatever the cwd
+import flops  # noqa: E402
 import table2_latency  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models first")
     parser.add_argument("--freezing", action="store_true", help="with --compile: inductor freezing (inference)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one call of each here")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     args = parser.parse_args()
     clock = time.process_time if (args.clock or ("wall" if args.device != "cpu" else "process")) == "process" \
         else time.perf_counter
@@ -111,6 +113,12 @@ def main() -> None:
     print(f"diffusers median {statistics.median(reference_times) * 1e3:9.1f} ms")
     print(f"ratio ours/diffusers: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
           f" -> ours is {1 / statistics.median(ratios):.2f}x the speed of diffusers")
+    work, peak = flops.unet_forward_flops(args.preset, args.batch, args.size), flops.peak_tflops(device, args.dtype,
+                                                                                              args.peak_tflops)
+    for name, times in (("ours", ours_times), ("diffusers", reference_times)):
+        seconds = statistics.median(times)
+        print(f"{name}: {work / 1e9:.1f} GFLOP per call, {work / seconds / 1e12:.3f} TFLOP/s, "
+              f"MFU {flops.mfu(work, seconds, peak)}")
 
 
 if __name__ == "__main__":

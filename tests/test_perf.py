@@ -100,3 +100,42 @@ def test_controlnet_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
     for name in grads[0]:  # recomputation runs the same kernels on the same inputs; 1e-6 covers summation order
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_flop_counts_ours_equal_diffusers_and_a_selection_costs_its_weight_gradients():
+    """experiments/flops.py (issue 17): (1) our UNet and diffusers' do the same work: equal FLOPs per forward on the
+    tiny config; (2) with the site at conv_in every block is on the gradient path either way, so training `to_out`
+    instead of nothing adds exactly its weight gradients: sum over the to_out Linears of 2 x tokens x in x out."""
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from diffusers import UNet2DConditionModel  # noqa: PLC0415 - test-only reference
+    from unet.keymap import unet_config_to_diffusers  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("flops", Path(__file__).resolve().parents[1] / "experiments" / "flops.py")
+    flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flops)
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(TINY).items()
+                                            if not k.startswith("_")})
+        x, t, context = torch.randn(2, 4, 16, 16), torch.full((2,), 500.0), torch.randn(2, 77, TINY.context_dim)
+        with torch.no_grad():
+            theirs = flops.count(lambda: reference(x, t, encoder_hidden_states=context))
+    ours = flops.unet_forward_flops("tiny", batch=2, size=16)
+    assert ours == theirs and ours > 0
+
+    shapes = []  # (tokens, in, out) of every to_out Linear, recorded on a forward of the same shapes
+    with torch.device("meta"):
+        unet = UNet(TINY)
+        hooks = [m.register_forward_hook(lambda m, i, o: shapes.append((i[0].shape[:-1].numel(), m.in_features,
+                                                                          m.out_features)))
+                 for n, m in unet.named_modules() if n.endswith("to_out.0") and isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            unet(x, t, context, None)
+        for h in hooks:
+            h.remove()
+    assert len(shapes) > 0
+    weight_grads = sum(2 * n * i * o for n, i, o in shapes)
+    gap = (flops.step_flops("cross_norm", "to_out", "conv_in", preset="tiny", batch=2, size=128)
+           - flops.step_flops("cross_norm", "none", "conv_in", preset="tiny", batch=2, size=128))
+    assert gap == weight_grads
