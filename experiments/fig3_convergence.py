@@ -17,7 +17,9 @@ prediction on SD1.5's schedule, a CLIP-style text tower) and procedural fill50k 
    the official SD1.5 *release* form (learned scale) as released (after the mid block) and moved to down_0, which
    separates the learned scale from the site;
 4. a rerun of cross_norm on 5 other seeds, checked against the 95% prediction interval for a 5-seed mean (and each
-   seed against the one-seed interval): protocol.py says why the bootstrap interval of the mean is not that check.
+   seed against the one-seed interval): protocol.py says why the bootstrap interval of the mean is not that check;
+5. the same-lr check: cross_norm on the reported seeds at each lr another ControlNeXt arm chose, so that a
+   difference between arms can be told apart from a difference between their learning rates.
 The UNet selection is each method's own: `to_out` for the ControlNeXt arms (official SD1.5), none for ControlNet
 (its encoder copy trains on a locked UNet, Zhang et al. 2023 §3.2). Two single-thread runs at a time on 2 cores.
 Outputs in --results: table.md (steps to IoU 0.5 / 0.7, IoU at 250 / 500 / 1000 with bootstrap 95% intervals and
@@ -133,7 +135,13 @@ def main(argv: list[str]) -> dict:
                    for i, flags in SENSITIVITY.values() for seed in args.sensitivity_seeds}
     check = {f"check_cross_norm_s{seed}": ["--ablation=cross_norm", f"--seed={seed}", *lr_flags(lr),
                                            *common(args.max_steps, args.eval_every)] for seed in args.check_seeds}
-    runs = protocol.run_grid({**report, **sensitivity, **check}, runs_dir, args.parallel, args.threads)
+    # 5. the same-lr check: cross_norm at each lr another ControlNeXt arm chose (is a difference the form's or the lr's?)
+    same_lrs = sorted({best[a] for a in args.arms if a not in ("controlnet", "cross_norm")} - {lr}) \
+        if "cross_norm" in args.arms else []
+    same = {f"cross_norm_lr{v:g}_s{seed}": ["--ablation=cross_norm", f"--seed={seed}", *lr_flags(v),
+                                            *common(args.max_steps, args.eval_every)]
+            for v in same_lrs for seed in args.seeds}
+    runs = protocol.run_grid({**report, **sensitivity, **check, **same}, runs_dir, args.parallel, args.threads)
 
     curves = {arm: [protocol.read_curve(runs[f"{arm}_s{s}"]) for s in args.seeds] for arm in args.arms}
     chance = sum(c[0][1] for seeds in curves.values() for c in seeds) / sum(len(s) for s in curves.values())
@@ -153,7 +161,7 @@ def main(argv: list[str]) -> dict:
                                                       or k == reported},
                              "cross normalization: the site (h's size at 64 px) and the release form")
 
-    cpu = sum(protocol.cpu_seconds(runs_dir, name) for name in [*tune, *report, *sensitivity, *check])
+    cpu = sum(protocol.cpu_seconds(runs_dir, name) for name in [*tune, *report, *sensitivity, *check, *same])
     lines = [f"command: python experiments/{Path(__file__).name} {shlex.join(argv)}",
              f"machine: {protocol.machine()}; wall {(time.time() - tic) / 60:.1f} min this call, "
              f"CPU {cpu / 60:.1f} min over all runs", f"train.py overrides: {shlex.join(train_args)}", "",
@@ -169,6 +177,15 @@ def main(argv: list[str]) -> dict:
              f"where a rerun of an arm on {max(len(args.check_seeds), 1)} new seeds should land (95% prediction "
              "intervals over the reported seeds):", "",
              *(protocol.rerun_table(curves, args.at, max(len(args.check_seeds), 1)) if len(args.seeds) > 1 else [])]
+    collapsed = lambda seeds: sum(c[-1][1] < chance + 0.03 for c in seeds if c)  # noqa: E731 - back at chance
+    lines += ["", "seeds back at chance at the end (last IoU < base + 0.03): " + ", ".join(
+        f"{arm} {collapsed(seeds)}/{len(seeds)}" for arm, seeds in curves.items())]
+    for v in same_lrs:
+        rows = {f"cross_norm at lr {v:g}": [protocol.read_curve(runs[f"cross_norm_lr{v:g}_s{s}"]) for s in args.seeds]}
+        rows |= {f"{arm} (its best lr)": curves[arm] for arm in args.arms if best[arm] == v and arm != "controlnet"}
+        lines += ["", f"the same-lr check at lr {v:g} (seeds {list(args.seeds)}); back at chance: " + ", ".join(
+            f"{name} {collapsed(seeds)}/{len(seeds)}" for name, seeds in rows.items()), "",
+            *protocol.summary_table(rows, args.at)]
     if sens_curves:
         lines += ["", f"sensitivity of cross_norm (seeds {list(args.sensitivity_seeds)}, {args.sensitivity_steps} steps, "
                   f"lr {lr:g}):", "", *protocol.summary_table(sens_curves, tuple(s for s in args.at
