@@ -297,7 +297,11 @@ def plot_panels(path: Path, panels: dict[str, dict[str, list[Curve]]], title: st
         if name.startswith(("grad_norm", "term_ratio")):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    labelled = {}  # every arm once, from whichever panel drew it (ControlNet has no site, so no term panels)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    axes[0, -1].legend(labelled.values(), labelled.keys(), fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
