@@ -81,6 +81,8 @@ def test_batches_hold_one_bucket_and_are_a_pure_function_of_seed_and_step(tmp_pa
             assert size == (LANDSCAPE, PORTRAIT)[step_bucket([3, 2], config.seed, step)]
             assert batch["control"].shape[-2:] == batch["loss_weight"].shape[-2:] == batch["frames"].shape[-2:]
             _, again = video_batch(video_dataset(config), config, step, 0)  # a fresh dataset: a resumed run
+            # bitwise on purpose: the same decode, resize and crop code on the same files in one process (no float
+            # kernels that could differ between the two calls), so a resumed run must see the very same batch
             assert all(torch.equal(batch[k], again[k]) for k in batch)
             seen.add(size)
         assert seen == {LANDSCAPE, PORTRAIT}  # the steps above visit both buckets
