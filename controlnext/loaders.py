@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from controlnext.checkpoint import (KeyMap, Row, StateDict, load_into, read_state, save_json, save_state,
-                                    strip_prefix, write_folder)
+from controlnext.checkpoint import (KeyMap, Row, StateDict, load_into, on_meta, read_state, save_json,
+                                    save_state, strip_prefix, write_folder)
 from encoders import keymap as clip_keymap
 from encoders.clip import PRESETS as CLIP_PRESETS, CLIPConfig, CLIPTextModel, CLIPVisionModel, build_clip, config_from_hf
 from unet.keymap import (detect_unet_preset, svd_unet_config_from_diffusers, svd_unet_config_to_diffusers,
@@ -124,8 +124,7 @@ def load_unet(source: Source, config=None, *, dtype: torch.dtype | None = None) 
         config = UNET_PRESETS[name]
     config = unet_config_from_diffusers(config) if isinstance(config, Mapping) else config
     rows = unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
-    with torch.device("meta"):
-        model = UNet(config)
+    model = on_meta(lambda: UNet(config))
     return _map_and_load(model, state, rows, dtype, f"UNet from {where(source)}", prefix)
 
 
@@ -153,8 +152,7 @@ def load_svd_unet(source: Source, config=None, *, dtype: torch.dtype | None = No
         config = SVD_PRESETS[config]
     config = svd_unet_config_from_diffusers(config) if isinstance(config, Mapping) else config
     rows = svd_unet_original_rows(config) if any(k.startswith("input_blocks.") for k in state) else []
-    with torch.device("meta"):
-        model = SVDUNet(config)
+    model = on_meta(lambda: SVDUNet(config))
     return _map_and_load(model, state, rows, dtype, f"SVD UNet from {where(source)}", prefix)
 
 
@@ -217,8 +215,7 @@ def load_vae(source: Source, config=None, *, dtype: torch.dtype | None = None) -
     prefix = ORIGINAL_PREFIXES["vae"] if any(k.startswith(ORIGINAL_PREFIXES["vae"]) for k in state) else ""
     state = strip_prefix(state, prefix)
     _vae_check(state, source)
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
+    model = on_meta(lambda: AutoencoderKL(cfg))
     # the original rows, plus the legacy diffusers attention names; diffusers names pass through unchanged
     return _map_and_load(model, state, SD_VAE_ROWS + LEGACY_DIFFUSERS_ROWS, dtype, f"VAE from {where(source)}", prefix)
 
@@ -238,8 +235,7 @@ def load_temporal_vae(source: Source, config=None, *, dtype: torch.dtype | None 
         rows = SVD_FIRST_STAGE_ROWS + LEGACY_DIFFUSERS_ROWS
     if "quant_conv.weight" not in state and SVD_EMBEDDER_PREFIX + "quant_conv.weight" not in state:
         cfg = replace(cfg, use_quant_conv=False)  # SGM's first stage has no quant_conv (§2.1)
-    with torch.device("meta"):
-        model = TemporalAutoencoder(cfg)
+    model = on_meta(lambda: TemporalAutoencoder(cfg))
     return _map_and_load(model, state, rows, dtype, f"temporal VAE from {where(source)}", prefix)
 
 
@@ -333,8 +329,7 @@ def load_clip(source: Source, config: CLIPConfig | None = None, *, prefix: str |
             raise ValueError(f"{where(source)}: {'no' if not fits else 'more than one'} preset of "
                              "encoders.clip.PRESETS fits these CLIP weights: pass config=")
         config = fits[0]
-    with torch.device("meta"):
-        model = build_clip(config)
+    model = on_meta(lambda: build_clip(config))
     what = f"CLIP {'vision' if config.vision else 'text'} tower ({where(source)}, prefix {start or 'none'!r})"
     state = strip_prefix(state, start)  # the only reference left to the tower's tensors (see _map_and_load)
     return _map_and_load(model, state, rows, dtype, what, start).eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from controlnext.checkpoint import KeyMap, StateDict, check_state, load_into, read_state
+from controlnext.checkpoint import KeyMap, StateDict, check_state, load_into, on_meta, read_state
 from controlnext.control_branch import PRESETS, ControlNeXt, ControlNeXtConfig
 from controlnext.keymap import CONTROL_BRANCH_ROWS, UNET_ROWS
 from unet.keymap import unet_original_rows
@@ -36,8 +36,7 @@ def load_control_branch(source: str | Path | Mapping[str, Tensor], config=None) 
     renamed, origin = KeyMap(CONTROL_BRANCH_ROWS).apply(read_state(source))
     config = config if config is not None else detect_control_branch(renamed)
     cfg = config if isinstance(config, ControlNeXtConfig) else PRESETS[config]
-    with torch.device("meta"):
-        model = ControlNeXt(cfg)
+    model = on_meta(lambda: ControlNeXt(cfg))
     where = source if not isinstance(source, Mapping) else "state dict"
     return load_into(model, renamed, origin, what=f"ControlNeXt branch from {where}", dtype=torch.float32)
 

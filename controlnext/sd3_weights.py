@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from controlnext.checkpoint import KeyMap, load_into, read_state, save_state, strip_prefix
+from controlnext.checkpoint import KeyMap, load_into, on_meta, read_state, save_state, strip_prefix
 from controlnext.sd3_controlnet import SD3ControlNet, SD3ControlNetConfig
 from mmdit.keymap import config_from_diffusers, config_to_diffusers, detect_config, export_rows, original_depth, \
     original_rows
@@ -111,8 +111,7 @@ def load_mmdit(source: Source, config=None, *, dtype: torch.dtype = torch.float3
                          f"first keys: {sorted(state)[:3]})")
     renamed, origin = KeyMap(rows).apply(state)
     cfg = _mmdit_config(config, folder_json, renamed, where)
-    with torch.device("meta"):
-        model = MMDiT(cfg).to(dtype)
+    model = on_meta(lambda: MMDiT(cfg).to(dtype))
     load_into(model, renamed, {k: prefix + v for k, v in origin.items()}, what=f"MMDiT from {where}")
     return model.eval()
 
@@ -173,8 +172,7 @@ def load_sd3_vae(source: Source, config=None) -> AutoencoderKL:
     if not any(k.startswith(("encoder.", "decoder.")) for k in state):
         raise ValueError(f"{where}: not a VAE checkpoint (no encoder./decoder. or first_stage_model. weights)")
     renamed, origin = KeyMap(SD_VAE_ROWS + LEGACY_DIFFUSERS_ROWS).apply(state)  # LDM names renamed, diffusers pass
-    with torch.device("meta"):
-        model = AutoencoderKL(config)
+    model = on_meta(lambda: AutoencoderKL(config))
     load_into(model, renamed, {k: prefix + v for k, v in origin.items()}, what=f"SD3 VAE from {where}")
     return model.eval()
 
@@ -207,6 +205,5 @@ def load_sd3_controlnet(source: Source, mmdit: MMDiTConfig, config: SD3ControlNe
             raise ValueError(f"{where}: config.json does not describe the given MMDiT: "
                              + ", ".join(f"{k}={theirs[k]!r} (MMDiT {ours.get(k, 'no such field')!r})" for k in differ))
         config = SD3ControlNetConfig(mmdit, folder_json["num_layers"], folder_json.get("extra_conditioning_channels", 0))
-    with torch.device("meta"):
-        model = SD3ControlNet(config)
+    model = on_meta(lambda: SD3ControlNet(config))
     return load_into(model, read_state(source), what=f"SD3 ControlNet from {where}").eval()

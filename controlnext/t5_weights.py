@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from controlnext.checkpoint import KeyMap, load_into, read_state
+from controlnext.checkpoint import KeyMap, load_into, on_meta, read_state
 from encoders import keymap
 from encoders.t5 import PRESETS, T5Config, T5Encoder, config_from_hf
 
@@ -109,8 +109,7 @@ def load_t5(source: str | Path | Mapping[str, Tensor], config: T5Config | str | 
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"{where}: the T5 weights are stored as {dtype}, a storage-only type; pass dtype= "
                              "(torch.bfloat16, torch.float16 or torch.float32)")
-    with torch.device("meta"):
-        model = T5Encoder(config)
+    model = on_meta(lambda: T5Encoder(config))
     # fp16 keeps every `wo` in fp32 (T5Encoder.cast): load at fp32 first so those come straight from the file's values
     load_into(model, renamed, {k: prefix + v for k, v in origin.items()}, what=f"T5 encoder ({where})",
               dtype=torch.float32 if dtype == torch.float16 else dtype)

@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from controlnext import loaders
-from controlnext.checkpoint import load_into, read_file, read_metadata, read_state, read_torch, save_state, write_folder
+from controlnext.checkpoint import load_into, on_meta, read_file, read_metadata, read_state, read_torch, save_state, write_folder
 from controlnext.loaders import (load_clip, load_svd_unet, load_temporal_vae, load_unet, load_vae, original_state,
                                  save_clip, save_unet, save_vae)
 from controlnext.runs import load_checkpoint
@@ -155,6 +155,28 @@ def test_a_meta_load_casts_the_float_tensors_only():
              "steps": torch.tensor(7)}
     load_into(model, state, dtype=torch.float32)
     assert model.weight.dtype == torch.float32 and model.steps.dtype == torch.int64 and model.steps.item() == 7
+
+def test_on_meta_skips_only_the_meta_inits_and_the_assign_keeps_each_tensors_role():
+    # on_meta (every loader's build): parameters on meta with their init skipped; a real tensor made inside the
+    # build is still initialised, and nn.init works again afterwards
+    def build():
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GroupNorm(2, 4))
+        model.real = torch.nn.init.ones_(torch.empty(2, device="cpu"))
+        model[0].weight.requires_grad_(False)  # a frozen tensor: the assign must keep the flag
+        model.register_buffer("scale", torch.zeros(()))
+        return model
+    model = on_meta(build)
+    assert all(t.is_meta for t in model.state_dict().values())
+    assert torch.equal(model.real, torch.ones(2))  # exact: ones_ writes exact ones, no arithmetic
+    assert torch.nn.init.constant_(torch.empty(2), 3.0).tolist() == [3.0, 3.0]
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    load_into(model, dict(state))
+    for key, value in model.state_dict().items():
+        assert value is not None and value.data_ptr() == state[key].data_ptr()  # the very tensors, no copy
+    assert isinstance(model[0].weight, torch.nn.Parameter) and not model[0].weight.requires_grad
+    assert model[1].weight.requires_grad
+    assert "scale" in model._buffers and not isinstance(model.scale, torch.nn.Parameter)
+
 
 # --- writing: folders as one unit ----------------------------------------------------------------------------------
 
