@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--clock", default="", choices=["", "process", "wall"], help="default: process on CPU, wall on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models first")
     parser.add_argument("--freezing", action="store_true", help="with --compile: inductor freezing (inference)")
+    parser.add_argument("--channels_last", action="store_true", help="both models' weights and the input in NHWC")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one call of each here")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     args = parser.parse_args()
@@ -64,10 +65,12 @@ def main() -> None:
     reference = UNet2DConditionModel(**config).eval()
     ours = UNet(cfg).eval()
     load_into(ours, reference.state_dict(), what="benchmark UNet")
-    reference.to(device, dtype)
-    ours.to(device, dtype)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    reference.to(device, dtype, memory_format=memory_format)
+    ours.to(device, dtype, memory_format=memory_format)
 
-    x = torch.randn(args.batch, cfg.in_channels, args.size, args.size, device=device, dtype=dtype)
+    x = torch.randn(args.batch, cfg.in_channels, args.size, args.size, device=device, dtype=dtype) \
+        .contiguous(memory_format=memory_format)
     t = torch.full((args.batch,), 500, device=device)
     context = torch.randn(args.batch, 77, cfg.context_dim, device=device, dtype=dtype)
     y = torch.randn(args.batch, cfg.adm_channels, device=device, dtype=dtype) if cfg.adm_channels else None
@@ -105,7 +108,7 @@ def main() -> None:
     ratios = [o / r for o, r in zip(ours_times, reference_times)]
     print(f"{args.preset} latent {args.size}x{args.size} batch {args.batch} {args.dtype} {device} "
           f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}{' compiled' if args.compile else ''}"
-          f"{' + freezing' if args.freezing else ''}; "
+          f"{' + freezing' if args.freezing else ''}{' channels_last' if args.channels_last else ''}; "
           f"load average {os.getloadavg()}")
     print(f"first call (wall, {'compile + ' if args.compile else ''}warm-up): ours {compile_s['ours']:.1f} s, "
           f"diffusers {compile_s['diffusers']:.1f} s")

@@ -139,3 +139,19 @@ def test_flop_counts_ours_equal_diffusers_and_a_selection_costs_its_weight_gradi
     gap = (flops.step_flops("cross_norm", "to_out", "conv_in", preset="tiny", batch=2, size=128)
            - flops.step_flops("cross_norm", "none", "conv_in", preset="tiny", batch=2, size=128))
     assert gap == weight_grads
+
+
+def test_channels_last_unet_computes_the_same_function():
+    """bench_unet.py --channels_last: weights and input in NHWC give the contiguous model's output. Different conv
+    and norm kernels run on the two layouts, so the comparison carries a float tolerance (1e-5, fp32)."""
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    x = torch.randn(2, TINY.in_channels, 16, 16)
+    t = torch.tensor([10, 500])
+    context = torch.randn(2, 7, TINY.context_dim)
+    with torch.no_grad():
+        want = model(x, t, context)
+        model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last), t, context)
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (got - want).abs().max().item() <= 1e-5
