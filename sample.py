@@ -75,6 +75,8 @@ class SampleConfig:
     dtype: str = "fp32"                # weights and compute: fp32, bf16 or fp16 (SD images: under autocast, the sampler
                                        # in fp32; video: half the memory); SD3 samples in fp32
     compile: bool = False              # torch.compile the UNet (SD images; the first step compiles: minutes on a CPU)
+    channels_last: bool = False        # UNet and control weights in NHWC (SD images): bf16 on AMX CPUs 1.27x per UNet
+                                       # call, fp32 1.19x slower (experiments/README.md, "UNet forward")
     use_t5: bool = True                # SD3: load the T5 encoder (False: T5-less, zeros in its place)
     t5_tokenizer: str = ""             # SD3 single files: a folder with spiece.model; "" = tokenizer_3/ beside the file
     # video: a --pretrained SVD pipeline folder or svd*.safetensors samples a video (controlnext/svd_pipeline.py)
@@ -133,6 +135,8 @@ def main(config: SampleConfig) -> dict:
     check(config)
     if config.compile and (is_svd(config.pretrained) or is_sd3(config.pretrained)):
         raise ValueError("--compile: implemented for SD image models only (video and SD3 run eager)")
+    if config.channels_last and (is_svd(config.pretrained) or is_sd3(config.pretrained)):
+        raise ValueError("--channels_last: implemented for SD image models only (video and SD3 run NCHW)")
     if is_svd(config.pretrained):  # video (SVD): reference image + poses -> frames, GIF, MP4
         return sample_video(config)
     if is_sd3(config.pretrained):  # SD3 models sample through controlnext/sd3_pipeline.py (issue 19)
@@ -168,6 +172,9 @@ def main(config: SampleConfig) -> dict:
     batch = [(c.model, image.expand(config.batch, -1, -1, -1), scale) for c, image, scale in zip(controls, images, scales)]
 
     # --- sample and decode (half-precision weights run under autocast: the sampler's arithmetic stays fp32) -----------
+    if config.channels_last:  # the convolutions follow their weights' layout; activations stay NHWC from conv_in on
+        for module in [pipe.unet] + [c.model for c in controls]:
+            module.to(memory_format=torch.channels_last)
     if config.compile:
         pipe.unet.compile()  # in place; the control hook is traced into the UNet's graph
     generator = torch.Generator().manual_seed(config.seed)

@@ -17,7 +17,7 @@ import train
 from controlnext.controlnet import ControlNet, ControlNetConfig
 from controlnext.data import Fill50k
 from controlnext.stages import build_stage, cast_frozen
-from tests.test_sample import tiny  # noqa: F401 - the tiny SD1.5 file fixture, shared
+from tests.test_sample import run_checkpoint, tiny  # noqa: F401 - the tiny SD1.5 file and run fixtures, shared
 from tests.test_train import smoke
 from unet.sd_unet import TINY, UNet
 
@@ -69,6 +69,17 @@ def test_bf16_sampling_is_close_to_fp32(tiny, tmp_path):
     assert error.max() < 0.1 and error.mean() < 0.01, (error.max().item(), error.mean().item())
 
 
+def test_channels_last_sampling_gives_the_same_images(tiny, run_checkpoint, tmp_path):
+    base = dict(pretrained=str(tiny), batch=2, steps=3, out=str(tmp_path / "grid.png"), fill_index=3,
+                prompt="red circle with blue background", control=(str(run_checkpoint),))
+    images = [sample.main(dataclasses.replace(sample.SampleConfig(), **base, channels_last=c))["images"]
+              for c in (False, True)]
+    # fp32 both ways, with a trained control; NHWC runs other conv / norm kernels, so a float tolerance (measured:
+    # 1.5e-6 on images in [-1, 1])
+    error = (images[1] - images[0]).abs().max().item()
+    assert error <= 1e-4, error
+
+
 def test_sample_rejects_an_unknown_dtype(tiny, tmp_path):
     with pytest.raises(ValueError, match="--dtype='fp8'"):
         sample.main(dataclasses.replace(sample.SampleConfig(), pretrained=str(tiny), dtype="fp8"))
@@ -77,7 +88,8 @@ def test_sample_rejects_an_unknown_dtype(tiny, tmp_path):
 @pytest.mark.parametrize("kind, fields, message", [
     ("StableDiffusion3Pipeline", {"dtype": "bf16"}, "--dtype='bf16': SD3"),
     ("StableDiffusion3Pipeline", {"compile": True}, "--compile"),
-    ("StableVideoDiffusionPipeline", {"compile": True}, "--compile")])
+    ("StableVideoDiffusionPipeline", {"compile": True}, "--compile"),
+    ("StableVideoDiffusionPipeline", {"channels_last": True}, "--channels_last")])
 def test_sample_modes_without_the_fast_paths_say_so_before_loading(tmp_path, kind, fields, message):
     (tmp_path / "model_index.json").write_text(f'{{"_class_name": "{kind}"}}')  # the folder holds nothing else
     with pytest.raises(ValueError, match=message):
