@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from controlnext.meta import assign
+
 Row = tuple[str, str | None] | tuple[str, str | None, str]
 StateDict = dict[str, Tensor]
 
@@ -390,43 +392,6 @@ class KeyMap:
         return KeyMap(rows)
 
 
-# In-place initialisers a module's constructor calls; on the meta device they compute nothing worth keeping.
-_TENSOR_INITS = frozenset({torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_})
-
-
-class _SkipMetaInit(torch.overrides.TorchFunctionMode):
-    """Skips torch.nn.init functions and the Tensor initialisers above when their target is a meta tensor (its
-    values do not exist); everything else, and any real tensor, runs as usual."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _TENSOR_INITS or getattr(func, "__module__", None) == "torch.nn.init":
-            target = args[0] if args else kwargs.get("tensor")
-            if isinstance(target, Tensor) and target.is_meta:
-                return target
-        return func(*args, **kwargs)
-
-
-def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """`build()` with its parameters on the meta device and their initialisation skipped, ready for load_into: the
-    weights come from a file, so random init would be thrown away (a third of an SD1.5 UNet's build time)."""
-    with torch.device("meta"), _SkipMetaInit():
-        return build()
-
-
-def _assign(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Put each tensor of a checked `state` in place of the meta tensor its key names, without copying: what
-    load_state_dict(assign=True) does for plain modules (none of ours overrides _load_from_state_dict), without its
-    per-module walk and hooks."""
-    for key, value in state.items():
-        owner_name, _, name = key.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if name in owner._parameters:
-            owner._parameters[name] = nn.Parameter(value, requires_grad=owner._parameters[name].requires_grad)
-        else:
-            owner._buffers[name] = value
-
-
 def check_state(model: nn.Module, state: Mapping[str, Tensor], origin: Mapping[str, str], *, what: str,
                 partial: bool = False) -> None:
     """Raise one ValueError listing unexpected, missing (unless partial) and wrong-shape keys, in source names."""
@@ -469,7 +434,7 @@ def load_into(model: nn.Module, state: dict[str, Tensor], origin: Mapping[str, s
             cast = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
             for key, value in state.items():
                 state[key] = value.to(cast) if value.is_floating_point() else value
-            _assign(model, state)
+            assign(model, state)
         else:
             for key, value in state.items():
                 targets[key].copy_(value)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from controlnext.checkpoint import (KeyMap, Row, StateDict, load_into, on_meta, read_state, save_json,
-                                    save_state, strip_prefix, write_folder)
+from controlnext.checkpoint import (KeyMap, Row, StateDict, load_into, read_state, save_json, save_state,
+                                    strip_prefix, write_folder)
+from controlnext.meta import on_meta
 from encoders import keymap as clip_keymap
 from encoders.clip import PRESETS as CLIP_PRESETS, CLIPConfig, CLIPTextModel, CLIPVisionModel, build_clip, config_from_hf
 from unet.keymap import (detect_unet_preset, svd_unet_config_from_diffusers, svd_unet_config_to_diffusers,

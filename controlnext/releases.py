@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from controlnext.checkpoint import KeyMap, StateDict, check_state, load_into, on_meta, read_state
+from controlnext.checkpoint import KeyMap, StateDict, check_state, load_into, read_state
+from controlnext.meta import on_meta
 from controlnext.control_branch import PRESETS, ControlNeXt, ControlNeXtConfig
 from controlnext.keymap import CONTROL_BRANCH_ROWS, UNET_ROWS
 from unet.keymap import unet_original_rows

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from controlnext.checkpoint import KeyMap, load_into, on_meta, read_state, save_state, strip_prefix
+from controlnext.checkpoint import KeyMap, load_into, read_state, save_state, strip_prefix
+from controlnext.meta import on_meta
 from controlnext.sd3_controlnet import SD3ControlNet, SD3ControlNetConfig
 from mmdit.keymap import config_from_diffusers, config_to_diffusers, detect_config, export_rows, original_depth, \
     original_rows

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from controlnext.checkpoint import KeyMap, load_into, on_meta, read_state
+from controlnext.checkpoint import KeyMap, load_into, read_state
+from controlnext.meta import on_meta
 from encoders import keymap
 from encoders.t5 import PRESETS, T5Config, T5Encoder, config_from_hf
 
