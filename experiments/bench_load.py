@@ -18,6 +18,7 @@ diffusers is imported only in its own arms (a test-only dependency).
 """
 
 import argparse
+import gc
 import json
 import mmap
 import os
@@ -120,15 +121,48 @@ def run_arm(name: str, folder: Path) -> dict:
             "model_bytes": size, "dtypes": dtypes, "checksum": checksum}
 
 
+def time_parts(folder: Path, rounds: int) -> None:
+    """Where our load of the fp16 folder goes, part by part, in this process (warm page cache after the first)."""
+    from controlnext.checkpoint import check_state
+    from controlnext.loaders import _read_unet
+    from controlnext.meta import assign, on_meta
+    for r in range(rounds):
+        model = state = None
+        gc.collect()  # the last round's model and maps go first, outside the timed parts
+        marks = [time.perf_counter()]
+        state, _ = _read_unet(folder / "unet_fp16")
+        marks.append(time.perf_counter())
+        with torch.device("meta"):
+            UNet(SD15)  # the build as it was before on_meta, for comparison (thrown away)
+        marks.append(time.perf_counter())
+        model = on_meta(lambda: UNet(SD15))
+        marks.append(time.perf_counter())
+        check_state(model, state, {}, what="UNet")
+        marks.append(time.perf_counter())
+        assign(model, state)
+        marks.append(time.perf_counter())
+        sum(float(t.reshape(-1)[::4096 // t.element_size()].double().sum()) for t in model.state_dict().values())
+        marks.append(time.perf_counter())
+        parts = [b - a for a, b in zip(marks, marks[1:])]
+        print(f"round {r + 1}: " + ", ".join(f"{name} {s:.3f} s" for name, s in zip(
+            ("read header + map tensors", "build on meta with init", "build with on_meta", "account keys", "assign",
+             "read every page"), parts)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench_load"), help="where the random weights live")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", action="store_true", help="time our fp16-folder load part by part instead")
     parser.add_argument("--arms", default="", help="comma-separated subset of the arms (default: all)")
     parser.add_argument("--arm", choices=sorted(ARMS), help="(internal) run one arm in this process and print JSON")
     args = parser.parse_args()
     if args.arm:
         print(json.dumps(run_arm(args.arm, args.dir)))
+        return
+    if args.parts:
+        prepare(args.dir)
+        time_parts(args.dir, args.rounds)
         return
     arms = args.arms.split(",") if args.arms else list(ARMS)
     unknown = sorted(set(arms) - set(ARMS))
