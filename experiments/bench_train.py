@@ -25,7 +25,7 @@ autocast, as train.py does. Memory: the arm's resident weights (pipeline + its c
 AdamW state (exact byte counts) + the step's transient high-water mark (gradients, activations, temporaries) from the
 OS: the peak RSS is reset (/proc/self/clear_refs) after glibc has returned freed memory (malloc_trim), then read back
 (VmHWM). `--isolated` runs one arm alone in a fresh process and reports its whole peak RSS (ru_maxrss) over the
-interpreter's baseline, to check that accounting. diffusers is a benchmark-only import.
+interpreter's baseline, to check that accounting. diffusers is a benchmark-only import, and only for its arm.
 """
 
 import argparse
@@ -40,7 +40,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from controlnext.config import TrainConfig
@@ -153,6 +152,8 @@ def diffusers_arm(pipe: StableDiffusion, ours: Arm, stages: dict, cache: LatentC
     stage, optimizer = stages[("controlnet", "none")]
     u = unet_config_to_diffusers(pipe.config.unet)
     fields = {k: v for k, v in u.items() if not k.startswith("_") and k not in ("out_channels", "up_block_types")}
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
     with torch.device("meta"):
         unet = UNet2DConditionModel(**{k: v for k, v in u.items() if not k.startswith("_")})
         controlnet = ControlNetModel(conditioning_embedding_out_channels=stage.model.controlnet.config.hint_channels,
@@ -267,14 +268,16 @@ def main() -> None:
         raise SystemExit(f"--arms: unknown {sorted(unknown)}; expected some of {ALL_ARMS}")
     if args.compile and len(names) > 1:  # arms flip requires_grad / dtype of shared tensors: each flip recompiles
         raise SystemExit("--compile: one arm per process")
-    baseline = rss_bytes()  # the interpreter with torch and diffusers imported
+    if "diffusers_controlnet" in names:
+        from diffusers import ControlNetModel  # noqa: F401 - before the baseline: the interpreter with its imports
+    baseline = rss_bytes()
 
     tic = time.perf_counter()
     pipe, arms, root = build_arms(names, args.model, args.size, device, not args.unfused_adamw)
     for module in root if args.compile else ():  # ours as train.py does it; diffusers' two models
         if isinstance(module, ControlStage):
             module.compile_networks()
-        elif isinstance(module, (UNet2DConditionModel, ControlNetModel)):
+        elif not isinstance(module, StableDiffusion):  # diffusers' UNet2DConditionModel and ControlNetModel
             module.compile()
     print(f"built {', '.join(names)} in {time.perf_counter() - tic:.0f} s; RSS {rss_bytes() / GiB:.2f} GiB; "
           f"load average {os.getloadavg()}", flush=True)

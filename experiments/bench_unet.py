@@ -13,7 +13,7 @@ for an idle one. `--dtype` casts both models and inputs (pure bf16/fp16 inferenc
 C++ in worker processes, outside this process's CPU time). `--freezing`: inductor's inference-only constant folding
 (weights prepacked for oneDNN; torch._inductor.config.freezing), the CPU inference setting. `--profile=PATH`: the top
 operators of one call of each.
-diffusers is a benchmark-only import.
+diffusers is a benchmark-only import; `--no_reference` times ours alone (its own init) where diffusers is not installed.
 """
 
 import argparse
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
-from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
 from controlnext.checkpoint import load_into
@@ -53,6 +52,7 @@ def main() -> None:
     parser.add_argument("--freezing", action="store_true", help="with --compile: inductor freezing (inference)")
     parser.add_argument("--channels_last", action="store_true", help="both models' weights and the input in NHWC")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one call of each here")
+    parser.add_argument("--no_reference", action="store_true", help="ours alone (where diffusers is not installed)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     args = parser.parse_args()
     clock = time.process_time if (args.clock or ("wall" if args.device != "cpu" else "process")) == "process" \
@@ -62,12 +62,15 @@ def main() -> None:
 
     cfg = PRESETS[args.preset]
     config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if k != "_class_name"}
-    reference = UNet2DConditionModel(**config).eval()
     ours = UNet(cfg).eval()
-    load_into(ours, reference.state_dict(), what="benchmark UNet")
+    if not args.no_reference:
+        from diffusers import UNet2DConditionModel
+        reference = UNet2DConditionModel(**config).eval()
+        load_into(ours, reference.state_dict(), what="benchmark UNet")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    reference.to(device, dtype, memory_format=memory_format)
     ours.to(device, dtype, memory_format=memory_format)
+    if not args.no_reference:
+        reference.to(device, dtype, memory_format=memory_format)
 
     x = torch.randn(args.batch, cfg.in_channels, args.size, args.size, device=device, dtype=dtype) \
         .contiguous(memory_format=memory_format)
@@ -80,19 +83,23 @@ def main() -> None:
     timed = lambda fn: table2_latency.timed(fn, device, clock)  # noqa: E731
 
     run_ours = lambda: ours(x, t, context, y)  # noqa: E731
-    run_reference = lambda: reference(x, t, context, **extra)  # noqa: E731
+    run_reference = None if args.no_reference else lambda: reference(x, t, context, **extra)  # noqa: E731
+    arms = (("ours", run_ours),) + (() if args.no_reference else (("diffusers", run_reference),))
     compile_s = {}
     if args.compile:
         inductor_config.freezing = args.freezing
         ours.compile()
-        reference.compile()
+        if not args.no_reference:
+            reference.compile()
     with torch.inference_mode():
-        for name, fn in (("ours", run_ours), ("diffusers", run_reference)):  # warm-up: kernel choice, (compilation)
+        for name, fn in arms:  # warm-up: kernel choice, (compilation)
             compile_s[name] = table2_latency.timed(fn, device, time.perf_counter)
         ours_times, reference_times = [], []
         for i in tqdm(range(args.repeats), desc="interleaved pairs"):
             # Alternate which one goes first so neither always runs on a warmer cache.
-            if i % 2 == 0:
+            if args.no_reference:
+                ours_times.append(timed(run_ours))
+            elif i % 2 == 0:
                 ours_times.append(timed(run_ours))
                 reference_times.append(timed(run_reference))
             else:
@@ -100,29 +107,30 @@ def main() -> None:
                 ours_times.append(timed(run_ours))
         if args.profile:
             tables = []
-            for name, fn in (("ours", run_ours), ("diffusers", run_reference)):
+            for name, fn in arms:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     fn()
                 tables += [f"== {name}", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)]
             Path(args.profile).write_text("\n".join(tables))
-    ratios = [o / r for o, r in zip(ours_times, reference_times)]
     print(f"{args.preset} latent {args.size}x{args.size} batch {args.batch} {args.dtype} {device} "
           f"threads {args.threads} repeats {args.repeats} clock {clock.__name__}{' compiled' if args.compile else ''}"
           f"{' + freezing' if args.freezing else ''}{' channels_last' if args.channels_last else ''}; "
           f"load average {os.getloadavg()}")
-    print(f"first call (wall, {'compile + ' if args.compile else ''}warm-up): ours {compile_s['ours']:.1f} s, "
-          f"diffusers {compile_s['diffusers']:.1f} s")
-    print(f"ours      median {statistics.median(ours_times) * 1e3:9.1f} ms")
-    print(f"diffusers median {statistics.median(reference_times) * 1e3:9.1f} ms")
-    print(f"ratio ours/diffusers: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
-          f" -> ours is {1 / statistics.median(ratios):.2f}x the speed of diffusers")
+    times = {"ours": ours_times, "diffusers": reference_times}
+    print(f"first call (wall, {'compile + ' if args.compile else ''}warm-up): "
+          + ", ".join(f"{name} {compile_s[name]:.1f} s" for name, _ in arms))
+    for name, _ in arms:
+        print(f"{name:9s} median {statistics.median(times[name]) * 1e3:9.1f} ms")
+    if not args.no_reference:
+        ratios = [o / r for o, r in zip(ours_times, reference_times)]
+        print(f"ratio ours/diffusers: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+              f"max {max(ratios):.3f}) -> ours is {1 / statistics.median(ratios):.2f}x the speed of diffusers")
     work, peak = flops.unet_forward_flops(args.preset, args.batch, args.size), flops.peak_tflops(device, args.dtype,
                                                                                               args.peak_tflops)
-    for name, times in (("ours", ours_times), ("diffusers", reference_times)):
-        seconds = statistics.median(times)
+    for name, _ in arms:
+        seconds = statistics.median(times[name])
         print(f"{name}: {work / 1e9:.1f} GFLOP per call, {work / seconds / 1e12:.3f} TFLOP/s, "
               f"MFU {flops.mfu(work, seconds, peak)}")
-
 
 if __name__ == "__main__":
     main()
