@@ -10,6 +10,7 @@ Command (CPU, the recorded rows; one process per dtype, the full fine-tune in it
     python experiments/bench_train.py --dtype=bf16 --arms="('controlnext', 'full')"
     python experiments/bench_train.py --isolated=controlnet      # one arm alone: the whole process's peak RSS
     python experiments/bench_train.py --compile --arms="('controlnext',)" --batches="(2,)" --checkpointing="(False,)"
+    python experiments/bench_train.py --dtype=bf16 --size=512 --saved    # bytes kept for backward, no timing
 GPU rows:  python experiments/bench_train.py --device=cuda --dtype=bf16 --size=512 --threads=0
 Method: the SD1.5 pipeline (UNet, VAE, CLIP-L) with random weights, 256 px images (32x32 latents), 77 text tokens.
 Arms: `controlnext` = stages.ControlStage as train.py runs it (G2 branch at down_0, cross_norm, the UNet's to_out
@@ -25,7 +26,9 @@ autocast, as train.py does. Memory: the arm's resident weights (pipeline + its c
 AdamW state (exact byte counts) + the step's transient high-water mark (gradients, activations, temporaries) from the
 OS: the peak RSS is reset (/proc/self/clear_refs) after glibc has returned freed memory (malloc_trim), then read back
 (VmHWM). `--isolated` runs one arm alone in a fresh process and reports its whole peak RSS (ru_maxrss) over the
-interpreter's baseline, to check that accounting. diffusers is a benchmark-only import, and only for its arm.
+interpreter's baseline, to check that accounting. `--saved` times nothing: it counts the bytes each arm's forward
+keeps for backward (autograd's saved tensors, by module; checkpointing off and on), what checkpointing can remove.
+diffusers is a benchmark-only import, and only for its arm.
 """
 
 import argparse
@@ -255,6 +258,7 @@ def main() -> None:
     parser.add_argument("--isolated", default="", help="run this one arm alone (batch 2, no checkpointing)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="the device's peak for MFU (default: known GPUs)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one step of each arm here")
+    parser.add_argument("--saved", action="store_true", help="only count what each arm's forward saves for backward")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,6 +278,8 @@ def main() -> None:
 
     tic = time.perf_counter()
     pipe, arms, root = build_arms(names, args.model, args.size, device, not args.unfused_adamw)
+    if args.saved:
+        return print_saved(pipe, arms, root, amp, device, batches, args.size)
     for module in root if args.compile else ():  # ours as train.py does it; diffusers' two models
         if isinstance(module, ControlStage):
             module.compile_networks()
@@ -344,6 +350,54 @@ def print_ratios(table: dict, names: tuple, settings: list) -> None:
                 (t1, m1), (t0, m0) = table[(name, batch_size, True)], table[(name, batch_size, False)]
                 print(f"{name}, batch {batch_size}: checkpointing costs {t1 / t0:.3f}x the time, "
                       f"{m1 / m0:.3f}x the peak memory")
+
+
+def saved_bytes(arm: Arm, pipe: StableDiffusion, batch: dict, amp, device) -> dict[str, int]:
+    """Bytes the arm's forward leaves saved for backward, by where they were saved: in the UNet, in the arm's own
+    module (branch / ControlNet copy), elsewhere. Parameters themselves are not counted (they are resident anyway);
+    under autocast the bf16 copies of fp32 (trained) weights are. Each storage once."""
+    where = ["other"]
+    hooks = []
+    for label, module in (("unet", pipe.unet), ("own", arm.own)):
+        for m in module.modules():
+            hooks.append(m.register_forward_pre_hook(lambda m, a, label=label: where.append(label) and None))
+            hooks.append(m.register_forward_hook(lambda m, a, o: where.pop() and None))  # None: output unchanged
+    seen = {(p.untyped_storage().data_ptr(), p.dtype) for p in pipe.parameters()} | \
+        {(p.untyped_storage().data_ptr(), p.dtype) for p in arm.own.parameters()}
+    tally = {"unet": 0, "own": 0, "other": 0}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            tally[where[-1]] += t.untyped_storage().nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = arm.forward(batch, torch.Generator().manual_seed(3))
+    finally:
+        for h in hooks:
+            h.remove()
+    loss.backward()
+    arm.optimizer.zero_grad(set_to_none=True)
+    return tally
+
+
+def print_saved(pipe: StableDiffusion, arms: dict, root: nn.Module, amp, device, batches: tuple, size: int) -> None:
+    print(f"saved for backward at the end of the forward, MiB ({size} px; with checkpointing: the blocks' inputs; "
+          f"`own` = the branch or our ControlNet copy, diffusers' models count as `other`)")
+    print(f"{'arm':22s} {'batch':>5s} {'ckpt':>5s} {'unet':>7s} {'own':>7s} {'other':>7s}")
+    for batch_size in batches:
+        batch = make_batch(batch_size, size, device)
+        for arm in arms.values():
+            for ckpt in (False, True):
+                prepare(arm, root, amp)
+                arm.set_checkpointing(ckpt)
+                t = saved_bytes(arm, pipe, batch, amp, device)
+                print(f"{arm.name:22s} {batch_size:5d} {str(ckpt):>5s} {t['unet'] / 2**20:7.1f} "
+                      f"{t['own'] / 2**20:7.1f} {t['other'] / 2**20:7.1f}", flush=True)
 
 
 def write_profile(path: Path, pipe: StableDiffusion, arms: dict, root: nn.Module, amp, device, batch_size: int,
