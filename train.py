@@ -125,6 +125,8 @@ def main(config: TrainConfig) -> dict:
     config = stage.config
     stage.to(device)
     stage.pipe.unet.gradient_checkpointing = config.gradient_checkpointing
+    if (branch := getattr(stage.model, "branch", None)) is not None:  # ControlNeXt's, at the control's resolution
+        branch.gradient_checkpointing = config.gradient_checkpointing
     net = parallel.wrap(stage, config, device) if distributed else stage  # before the optimizer: FSDP shards params
     params = stage.trainable()
     if isinstance(stage, VideoStage):  # video (SVD): clips, held-out toy clips, clip batches (video_stages.py)

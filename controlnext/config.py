@@ -90,7 +90,7 @@ class TrainConfig:
     ema_decay: float = 0.99            # EMA of the trainable tensors; 0 = off
     kl_weight: float = 1e-6            # vae stage: weight of the KL term (LDM's autoencoder configs use 1e-6)
     mixed_precision: str = "no"        # "no" | "bf16" | "fp16" (autocast; fp32 master weights, frozen parts in bf16/fp16)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute in backward: the UNet's blocks, the branch's stages, ControlNet's
     compile: bool = False              # torch.compile the networks of the step (stages.py compile_networks); the first
                                        # step compiles (minutes on a CPU), later ones run the fused kernels
     # evaluation: fixed held-out procedural set, fixed sampler and noise

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from unet.blocks import Downsample, ResBlock, TimestepMLP, timestep_embedding
 
@@ -86,6 +87,7 @@ class ControlNeXt(nn.Module):
             mid = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
         self.mid_convs = nn.ModuleList([mid, nn.Conv2d(width, cfg.out_channels, 1)])
         self.scale = nn.Parameter(torch.ones(())) if cfg.learnable_scale else None
+        self.gradient_checkpointing = False  # recompute each stage's activations in backward (train.py's switch)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -97,7 +99,7 @@ class ControlNeXt(nn.Module):
         """Condition image (B, 3, H, W) or video (B, F, 3, H, W) -> stem output (B[*F], C, H/2, W/2), which no
         timestep changes (sampling computes it once per run); without a stem (G1-SD15) the image itself."""
         cond = cond.flatten(0, 1) if cond.ndim == 5 else cond  # (N, 3, H, W), N = B*F: features per frame
-        return cond if self.embedding is None else self.embedding(cond)  # (N, 128, H/2, W/2) with a stem
+        return cond if self.embedding is None else self._run(self.embedding, cond)  # (N, 128, H/2, W/2) with a stem
 
     def from_stem(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Stem output (N, C, H', W') and t (B,) or a scalar -> control features (N, C_out, H/s, W/s). For video
@@ -108,9 +110,17 @@ class ControlNeXt(nn.Module):
         # The sinusoid is taken in fp32, then cast to the input dtype (as diffusers Timesteps + .to(sample.dtype)).
         emb = self.time_embedding(timestep_embedding(t, self.config.time_channels).to(x.dtype))  # (N, 256)
         for res, down in zip(self.down_res, self.down_sample):
-            x = down(res(x, emb))  # (N, C_i, H_i/2, W_i/2)
-        x = self.mid_convs[0](x) + x if self.config.mid_residual else self.mid_convs[0](x)
+            x = self._run(lambda x, emb, res=res, down=down: down(res(x, emb)), x, emb)  # (N, C_i, H_i/2, W_i/2)
+        x = self._run(self.mid_convs[0], x) + x if self.config.mid_residual else self._run(self.mid_convs[0], x)
         return self.mid_convs[1](x)  # (N, C_out, H/s, W/s)
+
+    def _run(self, stage, *args: Tensor) -> Tensor:
+        """One stage (the stem, a ResBlock + downsample, the mid convs); under gradient checkpointing only its inputs
+        are kept for backward. The branch works at the control image's resolution, where activations are largest:
+        at 512 px its stages keep ~216 MiB per image for backward (experiments/README.md, "512 px")."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, *args, use_reentrant=False)
+        return stage(*args)
 
     def forward(self, cond: Tensor, t: Tensor | float) -> Tensor:
         """Condition image (B, 3, H, W) or video (B, F, 3, H, W), t (B,) or scalar -> (B[*F], C_out, H/s, W/s)."""

@@ -8,7 +8,8 @@
   and AdamW states live as 1/N shards (DTensors); a unit is all-gathered for its forward and again for its backward,
   and freed after; gradients are reduce-scattered (averaged over ranks). --mixed_precision=bf16 adds a
   MixedPrecisionPolicy: bf16 all-gathers and compute, fp32 gradient reduction, the fp32 shards as master weights.
-  Activation checkpointing is --gradient_checkpointing (the UNet's block loop, unet/sd_unet.py UNetBody._run): it
+  Activation checkpointing is --gradient_checkpointing (the UNet's block loop, unet/sd_unet.py UNetBody._run, and
+  the ControlNeXt branch's stages, control_branch.py ControlNeXt._run): it
   recomputes one FSDP unit at a time. This is what the full SVD UNet fine-tune needs: 1.5B parameters with fp32
   gradients and AdamW states are 24 GB before any activation.
 - Sharded checkpoints (torch.distributed.checkpoint, DCP), beside runs.py's files: step_N.dcp/ holds every rank's

@@ -81,7 +81,8 @@ def run_arm(arm: str, frames: int, height: int, width: int) -> dict:
         if training:
             select_trainable(unet, "to_out")
             branch_model.branch.requires_grad_(True)
-            unet.gradient_checkpointing = "checkpointing" in arm
+            unet.gradient_checkpointing = "checkpointing" in arm  # both, as train.py's --gradient_checkpointing
+            branch_model.branch.gradient_checkpointing = "checkpointing" in arm
         chunk = 1 if arm.endswith("frame_chunk") else None
         batch = 1 if training else 2
         x = torch.randn(batch, frames, 8, h, w, dtype=dtype)

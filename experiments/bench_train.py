@@ -130,10 +130,12 @@ def build_arms(names: tuple[str, ...], model: str, size: int, device: torch.devi
             stage.cache = None if encode else cache
             return stage(batch, g)
 
-        def set_ckpt(flag: bool) -> None:
+        def set_ckpt(flag: bool) -> None:  # as train.py's --gradient_checkpointing
             pipe.unet.gradient_checkpointing = flag
             if key[0] == "controlnet":
                 stage.model.controlnet.gradient_checkpointing = flag
+            else:
+                stage.model.branch.gradient_checkpointing = flag
 
         own = stage.model.controlnet if key[0] == "controlnet" else stage.model.branch  # the arm's own module
         return Arm(name, forward, list(stage.trainable().values()), own, optimizer, set_ckpt)
@@ -353,18 +355,18 @@ def print_ratios(table: dict, names: tuple, settings: list) -> None:
 
 
 def saved_bytes(arm: Arm, pipe: StableDiffusion, batch: dict, amp, device) -> dict[str, int]:
-    """Bytes the arm's forward leaves saved for backward, by where they were saved: in the UNet, in the arm's own
-    module (branch / ControlNet copy), elsewhere. Parameters themselves are not counted (they are resident anyway);
-    under autocast the bf16 copies of fp32 (trained) weights are. Each storage once."""
-    where = ["other"]
+    """Bytes the arm's forward leaves saved for backward, by where they were saved: inside our UNet's modules, or
+    outside them (`rest`: the branch or our ControlNet copy, the loss; every tensor of the diffusers arm). Parameters
+    themselves are not counted (they are resident anyway); under autocast the bf16 copies of fp32 (trained) weights
+    are. Each storage once."""
+    where = ["rest"]
     hooks = []
-    for label, module in (("unet", pipe.unet), ("own", arm.own)):
-        for m in module.modules():
-            hooks.append(m.register_forward_pre_hook(lambda m, a, label=label: where.append(label) and None))
-            hooks.append(m.register_forward_hook(lambda m, a, o: where.pop() and None))  # None: output unchanged
+    for m in pipe.unet.modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, a: where.append("unet") and None))
+        hooks.append(m.register_forward_hook(lambda m, a, o: where.pop() and None))  # None: output unchanged
     seen = {(p.untyped_storage().data_ptr(), p.dtype) for p in pipe.parameters()} | \
         {(p.untyped_storage().data_ptr(), p.dtype) for p in arm.own.parameters()}
-    tally = {"unet": 0, "own": 0, "other": 0}
+    tally = {"unet": 0, "rest": 0}
 
     def pack(t):
         key = (t.untyped_storage().data_ptr(), t.dtype)
@@ -387,8 +389,8 @@ def saved_bytes(arm: Arm, pipe: StableDiffusion, batch: dict, amp, device) -> di
 
 def print_saved(pipe: StableDiffusion, arms: dict, root: nn.Module, amp, device, batches: tuple, size: int) -> None:
     print(f"saved for backward at the end of the forward, MiB ({size} px; with checkpointing: the blocks' inputs; "
-          f"`own` = the branch or our ControlNet copy, diffusers' models count as `other`)")
-    print(f"{'arm':22s} {'batch':>5s} {'ckpt':>5s} {'unet':>7s} {'own':>7s} {'other':>7s}")
+          f"`rest` = outside our UNet: the branch or our ControlNet copy; all of diffusers' arm)")
+    print(f"{'arm':22s} {'batch':>5s} {'ckpt':>5s} {'unet':>7s} {'rest':>7s}")
     for batch_size in batches:
         batch = make_batch(batch_size, size, device)
         for arm in arms.values():
@@ -397,7 +399,7 @@ def print_saved(pipe: StableDiffusion, arms: dict, root: nn.Module, amp, device,
                 arm.set_checkpointing(ckpt)
                 t = saved_bytes(arm, pipe, batch, amp, device)
                 print(f"{arm.name:22s} {batch_size:5d} {str(ckpt):>5s} {t['unet'] / 2**20:7.1f} "
-                      f"{t['own'] / 2**20:7.1f} {t['other'] / 2**20:7.1f}", flush=True)
+                      f"{t['rest'] / 2**20:7.1f}", flush=True)
 
 
 def write_profile(path: Path, pipe: StableDiffusion, arms: dict, root: nn.Module, amp, device, batch_size: int,
