@@ -125,7 +125,7 @@ def main(config: TrainConfig) -> dict:
     config = stage.config
     stage.to(device)
     stage.pipe.unet.gradient_checkpointing = config.gradient_checkpointing
-    if (branch := getattr(stage.model, "branch", None)) is not None:  # ControlNeXt's, at the control's resolution
+    if (branch := getattr(getattr(stage, "model", None), "branch", None)) is not None:  # ControlNeXt arms' branch
         branch.gradient_checkpointing = config.gradient_checkpointing
     net = parallel.wrap(stage, config, device) if distributed else stage  # before the optimizer: FSDP shards params
     params = stage.trainable()

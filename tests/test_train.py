@@ -194,6 +194,34 @@ def test_latent_cache_gives_the_same_losses(tiny_file, tmp_path):
     assert cached["losses"] == pytest.approx(plain["losses"], rel=1e-5)
 
 
+@pytest.mark.parametrize("ablation", ["cross_norm", "controlnet"])
+def test_gradient_checkpointing_recomputes_every_network_and_trains_the_same(tiny_file, tmp_path, monkeypatch,
+                                                                                  ablation):
+    """--gradient_checkpointing reaches the UNet's blocks and the control module's (the ControlNeXt branch's stages,
+    the ControlNet copy's blocks), and trains the same tensors as the plain run: recomputation runs the same kernels
+    on the same inputs, so the losses and weights agree to float rounding (rel 1e-5, atol 1e-6)."""
+    import controlnext.control_branch  # noqa: PLC0415
+    import controlnext.controlnet  # noqa: PLC0415
+    import unet.sd_unet  # noqa: PLC0415
+
+    calls = {}
+    for module in (unet.sd_unet, controlnext.control_branch, controlnext.controlnet):
+        def counted(*args, _module=module, _inner=module.checkpoint, **kwargs):
+            calls[_module.__name__] = calls.get(_module.__name__, 0) + 1
+            return _inner(*args, **kwargs)
+        monkeypatch.setattr(module, "checkpoint", counted)
+    plain = train.main(smoke(tiny_file, tmp_path / "plain", ablation=ablation))
+    assert calls == {}
+    ckpt = train.main(smoke(tiny_file, tmp_path / "ckpt", ablation=ablation, gradient_checkpointing=True))
+    own = "controlnext.controlnet" if ablation == "controlnet" else "controlnext.control_branch"
+    assert calls.get("unet.sd_unet", 0) > 0 and calls.get(own, 0) > 0, calls
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    a, b = (read_state(Path(r["run"]) / "checkpoints" / "step_000002.safetensors") for r in (plain, ckpt))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_vae_and_base_stages_write_a_loadable_single_file(tmp_path):
     vae_run = Path(train.main(smoke("", tmp_path, stage="vae", model="tiny_sd15", max_steps=1))["run"])
     base_run = Path(train.main(smoke(str(vae_run / "model.safetensors"), tmp_path, stage="base", model="tiny_sd15",
