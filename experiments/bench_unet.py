@@ -63,14 +63,15 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if k != "_class_name"}
     ours = UNet(cfg).eval()
+    models = [ours]
     if not args.no_reference:
         from diffusers import UNet2DConditionModel
         reference = UNet2DConditionModel(**config).eval()
         load_into(ours, reference.state_dict(), what="benchmark UNet")
+        models.append(reference)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    ours.to(device, dtype, memory_format=memory_format)
-    if not args.no_reference:
-        reference.to(device, dtype, memory_format=memory_format)
+    for model in models:
+        model.to(device, dtype, memory_format=memory_format)
 
     x = torch.randn(args.batch, cfg.in_channels, args.size, args.size, device=device, dtype=dtype) \
         .contiguous(memory_format=memory_format)
@@ -83,14 +84,13 @@ def main() -> None:
     timed = lambda fn: table2_latency.timed(fn, device, clock)  # noqa: E731
 
     run_ours = lambda: ours(x, t, context, y)  # noqa: E731
-    run_reference = None if args.no_reference else lambda: reference(x, t, context, **extra)  # noqa: E731
+    run_reference = lambda: reference(x, t, context, **extra)  # noqa: E731
     arms = (("ours", run_ours),) + (() if args.no_reference else (("diffusers", run_reference),))
     compile_s = {}
     if args.compile:
         inductor_config.freezing = args.freezing
-        ours.compile()
-        if not args.no_reference:
-            reference.compile()
+        for model in models:
+            model.compile()
     with torch.inference_mode():
         for name, fn in arms:  # warm-up: kernel choice, (compilation)
             compile_s[name] = table2_latency.timed(fn, device, time.perf_counter)
@@ -131,6 +131,7 @@ def main() -> None:
         seconds = statistics.median(times[name])
         print(f"{name}: {work / 1e9:.1f} GFLOP per call, {work / seconds / 1e12:.3f} TFLOP/s, "
               f"MFU {flops.mfu(work, seconds, peak)}")
+
 
 if __name__ == "__main__":
     main()
